@@ -1,0 +1,54 @@
+// Argument checks shared by the CPU and CUDA glue. The Python wrappers check the same
+// things first with friendlier messages; these guard direct torch.ops.relaydiff calls.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace relaydiff {
+
+inline void check_image(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 4, name, " must be a 4-D tensor [B, C, H, W]; got ", x.dim(), "-D ",
+              x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              name, " must be float32, float64, float16 or bfloat16; got ", dt);
+}
+
+inline void check_patch(const at::Tensor& x, int64_t p, const char* name) {
+  TORCH_CHECK(p == 2 || p == 4 || p == 8 || p == 16, "patch_size must be 2, 4, 8 or 16; got ", p);
+  TORCH_CHECK(x.size(2) % p == 0 && x.size(3) % p == 0, name,
+              ": H and W must be multiples of patch_size=", p, "; got shape ", x.sizes());
+}
+
+inline void check_block(const at::Tensor& x, int64_t s) {
+  TORCH_CHECK(s >= 1 && s <= 16, "block_size must be in [1, 16]; got ", s);
+  TORCH_CHECK(x.numel() == 0 || (s <= x.size(2) && s <= x.size(3)), "block_size=", s,
+              " is larger than the image ", x.sizes());
+}
+
+inline void check_seed(int64_t seed) {
+  TORCH_CHECK(seed >= 0, "seed must be non-negative; got ", seed);
+}
+
+inline void check_per_sample(const at::Tensor& v, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(0), name, " must have shape [B] = [", x.size(0),
+              "]; got ", v.sizes());
+  TORCH_CHECK(v.is_floating_point(), name, " must be a floating tensor; got ", v.scalar_type());
+  TORCH_CHECK(v.device() == x.device(), name, " is on ", v.device(), " but the images are on ",
+              x.device());
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  check_image(t, name);
+  TORCH_CHECK(t.sizes() == x.sizes(), name, " must have shape ", x.sizes(), "; got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(),
+              "; got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+inline void check_unit(double v, const char* name, bool closed_top) {
+  TORCH_CHECK(v >= 0.0 && (closed_top ? v <= 1.0 : v < 1.0), name, " must be in [0, 1",
+              closed_top ? "]" : ")", "; got ", v);
+}
+
+}  // namespace relaydiff

@@ -1,0 +1,6 @@
+"""relaydiff: Relay Diffusion (Teng et al., ICLR 2024) with fused C++/CUDA kernels."""
+from . import ops
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "__version__"]
