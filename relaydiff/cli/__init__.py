@@ -1,0 +1,50 @@
+"""The ``relaydiff`` command line: ``relaydiff <subcommand> --help``.
+
+Each subcommand lives in its own module of this package with two functions:
+``add_parser(subparsers)`` (returns its argparse parser) and ``run(args) -> int``.
+Errors a user can fix raise :class:`CLIError`: one line on stderr, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .common import CLIError
+
+# (module, one-line help) in the order `relaydiff --help` lists them
+SUBCOMMANDS: list[tuple[str, str]] = [
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relaydiff", description="Relay Diffusion: train, sample, evaluate and analyse relay models.")
+    from relaydiff import __version__
+    parser.add_argument("--version", action="version", version=f"relaydiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for module, _ in SUBCOMMANDS:
+        mod = importlib.import_module(f"relaydiff.cli.{module}")
+        p = mod.add_parser(sub)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except CLIError as e:
+        print(f"relaydiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"relaydiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
