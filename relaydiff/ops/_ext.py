@@ -32,13 +32,20 @@ def load_error() -> str | None:
     return _load_error
 
 
+def _kernel_devices() -> frozenset[str]:
+    if not _loaded:
+        return frozenset()
+    return frozenset(dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if torch._C._dispatch_has_kernel_for_dispatch_key("relaydiff::patch_dct", key))
+
+
+# Decided once at import: a plain set lookup is also what torch.compile can trace.
+_KERNEL_DEVICES = _kernel_devices()
+
+
 def has_kernel(device_type: str) -> bool:
     """True when the extension has kernels for ``device_type`` ('cpu' or 'cuda')."""
-    if not _loaded:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "relaydiff::patch_dct", key)
+    return device_type in _KERNEL_DEVICES
 
 
 def backend() -> str:
