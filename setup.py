@@ -39,7 +39,7 @@ def extensions():
     # -ffp-contract=off: no FMA contraction, so the CPU kernels give the same bits on every
     # x86-64 (the noise generator is compiled for several instruction sets). -g0 undoes the
     # -g in Python's CFLAGS (halves the build time). No -march=native: wheels must be portable.
-    cxx = ["-O3", "-ffp-contract=off", "-g0"]
+    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-g0"]
     if os.environ.get("RELAYDIFF_DEBUG"):
         cxx = ["-O0", "-g"]
     if _want_cuda():

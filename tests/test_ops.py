@@ -552,3 +552,17 @@ def test_backend_reports_and_reference_fallback():
         x = torch.randn(1, 1, 8, 8)
         # the same generator on both paths: the sums agree to float rounding
         assert abs(float(O.relay_corrupt(x, 0.5, 0.5, seed=1).sum()) - float(value)) < 1e-4
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_cpu_simd_paths_give_identical_bits(isa):
+    """The CPU Philox has AVX-512, AVX2 and scalar paths picked at run time; capping the
+    choice with RELAYDIFF_CPU_ISA must not change a single bit of the noise."""
+    needs_kernel("cpu")
+    code = ("import torch, relaydiff.ops as O; "
+            "n = O.mixed_noise(torch.empty(2, 3, 20, 36), seed=2**40 + 7); "
+            "print(repr(n.double().sum().item()), repr(n.double().pow(2).sum().item()))")
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                     text=True, check=True).stdout
+    base = run(dict(os.environ))
+    assert run(dict(os.environ, RELAYDIFF_CPU_ISA=isa)) == base

@@ -29,6 +29,8 @@
 #include "../common/checks.h"
 #include "../common/philox.h"
 #include "../common/relay_math.h"
+#include "patch_rows.h"
+#include "philox_cpu.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     !defined(RELAYDIFF_NO_MULTIVERSION)
@@ -44,37 +46,35 @@ namespace {
 
 constexpr int64_t kBatchBlocks = 256;  // Philox blocks per batch: 1024 normals
 
-// Philox outputs of blocks jb .. jb+nb-1 of `stream`, as four arrays.
-RD_MULTIVERSION void philox_blocks(PhiloxKey key, uint32_t stream, uint64_t jb, int64_t nb,
-                                   uint32_t* __restrict r0, uint32_t* __restrict r1,
-                                   uint32_t* __restrict r2, uint32_t* __restrict r3) {
+// Box-Muller of the four words of nb Philox blocks: out[4i .. 4i+3] = the cos/sin normals
+// of (r0[i], r1[i]) and of (r2[i], r3[i]) (the stream layout of philox.h).
+RD_MULTIVERSION void box_muller_blocks_f32(const uint32_t* __restrict r0,
+                                           const uint32_t* __restrict r1,
+                                           const uint32_t* __restrict r2,
+                                           const uint32_t* __restrict r3, int64_t nb,
+                                           float* __restrict out) {
   for (int64_t i = 0; i < nb; ++i) {
-    const uint64_t j = jb + static_cast<uint64_t>(i);
-    uint32_t a, b, c, d;
-    philox4x32_10(static_cast<uint32_t>(j), static_cast<uint32_t>(j >> 32), stream, 0u, key, a, b,
-                  c, d);
-    r0[i] = a; r1[i] = b; r2[i] = c; r3[i] = d;
+    float a, b, c, d;
+    box_muller_f32(r0[i], r1[i], a, b);
+    box_muller_f32(r2[i], r3[i], c, d);
+    out[4 * i] = a;
+    out[4 * i + 1] = b;
+    out[4 * i + 2] = c;
+    out[4 * i + 3] = d;
   }
 }
 
-// Box-Muller of the pairs (re[i], ro[i]), interleaved: out[4i + lane0], out[4i + lane0 + 1].
-RD_MULTIVERSION void box_muller_rows_f32(const uint32_t* __restrict re, const uint32_t* __restrict ro,
-                                    int64_t n, int lane0, float* __restrict out) {
-  for (int64_t i = 0; i < n; ++i) {
-    float c, s;
-    box_muller_f32(re[i], ro[i], c, s);
-    out[4 * i + lane0] = c;
-    out[4 * i + lane0 + 1] = s;
-  }
-}
-
-void box_muller_rows_f64(const uint32_t* re, const uint32_t* ro, int64_t n, int lane0, double* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double u = unit_open_f64(re[i]);
-    const double angle = 2.0 * kPi * unit_halfopen_f64(ro[i]);
-    const double radius = std::sqrt(-2.0 * std::log(u));
-    out[4 * i + lane0] = radius * std::cos(angle);
-    out[4 * i + lane0 + 1] = radius * std::sin(angle);
+void box_muller_blocks_f64(const uint32_t* r0, const uint32_t* r1, const uint32_t* r2,
+                           const uint32_t* r3, int64_t nb, double* out) {
+  auto pair = [](uint32_t re, uint32_t ro, double* o) {
+    const double radius = std::sqrt(-2.0 * std::log(unit_open_f64(re)));
+    const double angle = 2.0 * kPi * unit_halfopen_f64(ro);
+    o[0] = radius * std::cos(angle);
+    o[1] = radius * std::sin(angle);
+  };
+  for (int64_t i = 0; i < nb; ++i) {
+    pair(r0[i], r1[i], out + 4 * i);
+    pair(r2[i], r3[i], out + 4 * i + 2);
   }
 }
 
@@ -93,21 +93,20 @@ class NormalGen {
       const int64_t nb = std::min(kBatchBlocks, last - jb + 1);
       philox_blocks(key, stream, static_cast<uint64_t>(jb), nb, r, r + kBatchBlocks,
                     r + 2 * kBatchBlocks, r + 3 * kBatchBlocks);
-      transform(r, r + kBatchBlocks, nb, 0);
-      transform(r + 2 * kBatchBlocks, r + 3 * kBatchBlocks, nb, 2);
+      // whole batches inside [start, start + n) go straight to out; edges through buf_
       const int64_t lo = std::max(start, 4 * jb), hi = std::min(start + n, 4 * (jb + nb));
-      std::memcpy(out + (lo - start), buf_.data() + (lo - 4 * jb), sizeof(T) * (hi - lo));
+      const bool direct = lo == 4 * jb && hi == 4 * (jb + nb);
+      T* dst = direct ? out + (lo - start) : buf_.data();
+      if constexpr (std::is_same_v<T, double>) {
+        box_muller_blocks_f64(r, r + kBatchBlocks, r + 2 * kBatchBlocks, r + 3 * kBatchBlocks, nb, dst);
+      } else {
+        box_muller_blocks_f32(r, r + kBatchBlocks, r + 2 * kBatchBlocks, r + 3 * kBatchBlocks, nb, dst);
+      }
+      if (!direct) std::memcpy(out + (lo - start), buf_.data() + (lo - 4 * jb), sizeof(T) * (hi - lo));
     }
   }
 
  private:
-  void transform(const uint32_t* re, const uint32_t* ro, int64_t n, int lane0) {
-    if constexpr (std::is_same_v<T, double>) {
-      box_muller_rows_f64(re, ro, n, lane0, buf_.data());
-    } else {
-      box_muller_rows_f32(re, ro, n, lane0, buf_.data());
-    }
-  }
   std::vector<uint32_t> r_;
   std::vector<T> buf_;
 };
@@ -207,20 +206,11 @@ template <int P, typename T>
 void transform_band(const TransformMatrix<P, T>& M, const T* __restrict in, T* __restrict tmp,
                     T* __restrict out, int64_t W) {
   // along each row: tmp[r][qP + i] = sum_j M[i][j] in[r][qP + j]
-  T mt[P][P];
-  for (int i = 0; i < P; ++i)
-    for (int j = 0; j < P; ++j) mt[j][i] = M.m[i][j];
   for (int r = 0; r < P; ++r) {
-    const T* src = in + r * W;
-    T* dst = tmp + r * W;
-    for (int64_t q = 0; q < W; q += P) {
-      T acc[P];
-      for (int i = 0; i < P; ++i) acc[i] = mt[0][i] * src[q];
-      for (int j = 1; j < P; ++j) {
-        const T v = src[q + j];
-        for (int i = 0; i < P; ++i) acc[i] += mt[j][i] * v;
-      }
-      for (int i = 0; i < P; ++i) dst[q + i] = acc[i];
+    if constexpr (std::is_same_v<T, float>) {
+      patch_rows_f32(P, &M.m[0][0], in + r * W, tmp + r * W, W);
+    } else {
+      patch_rows_scalar<P, T>(&M.m[0][0], in + r * W, tmp + r * W, 0, W);
     }
   }
   // down the columns: out[i][x] = sum_r M[i][r] tmp[r][x]
@@ -323,11 +313,14 @@ std::vector<double> per_sample_values(const at::Tensor& v, const char* name, boo
   return out;
 }
 
-// Factor rows of a P x P table f[k][l]: row k is f[k][x mod P] for x in [0, W).
+// Factor rows of a P x P table f(k, l): row k is f(k, x mod P) for x in [0, W).
 template <int P, typename T, typename F>
 void factor_rows(int64_t W, T* rows, F f) {
+  T table[P][P];
   for (int k = 0; k < P; ++k)
-    for (int64_t x = 0; x < W; ++x) rows[k * W + x] = static_cast<T>(f(k, static_cast<int>(x % P)));
+    for (int l = 0; l < P; ++l) table[k][l] = static_cast<T>(f(k, l));
+  for (int k = 0; k < P; ++k)
+    for (int64_t x = 0; x < W; ++x) rows[k * W + x] = table[k][x % P];
 }
 
 // ------------------------------------------------------------------ band pipeline

@@ -1,0 +1,28 @@
+// The along-the-row half of the patch transform: out[qP + i] = sum_j m[i][j] in[qP + j] for
+// every patch q of a row. float rows are done 16 values (16/P patches) at a time with
+// constant lane shuffles; GCC lowers the 64-byte vectors to AVX-512, AVX2 or SSE2 code in
+// the clones below. Other types, and row tails, take the scalar loop.
+#pragma once
+
+#include <cstdint>
+
+namespace relaydiff {
+
+// m is the P x P matrix, row-major.
+void patch_rows_f32(int P, const float* m, const float* in, float* out, int64_t W);
+
+template <int P, typename T>
+void patch_rows_scalar(const T* m, const T* __restrict in, T* __restrict out, int64_t x0,
+                       int64_t W) {
+  for (int64_t q = x0; q < W; q += P) {
+    T acc[P];
+    for (int i = 0; i < P; ++i) acc[i] = m[i * P] * in[q];
+    for (int j = 1; j < P; ++j) {
+      const T v = in[q + j];
+      for (int i = 0; i < P; ++i) acc[i] += m[i * P + j] * v;
+    }
+    for (int i = 0; i < P; ++i) out[q + i] = acc[i];
+  }
+}
+
+}  // namespace relaydiff
