@@ -57,8 +57,14 @@ class EDMPrecond(nn.Module):
         self._amp = value
 
     def config(self) -> dict:
-        """The constructor keywords worth saving (checkpoint metadata ``"precond"``)."""
-        return dict(sigma_data=self.sigma_data, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+        """The constructor keywords worth saving (checkpoint metadata ``"precond"``); the default
+        range ``[0, inf)`` is left out because JSON has no infinity."""
+        c = dict(sigma_data=self.sigma_data)
+        if self.sigma_min > 0:
+            c["sigma_min"] = self.sigma_min
+        if math.isfinite(self.sigma_max):
+            c["sigma_max"] = self.sigma_max
+        return c
 
     def round_sigma(self, sigma) -> torch.Tensor:
         return torch.as_tensor(sigma)

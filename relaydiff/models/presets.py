@@ -10,6 +10,8 @@ import dataclasses
 import math
 from typing import Any
 
+from relaydiff.config import RelayConfig
+
 from .precond import EDMPrecond
 from .unet import DhariwalUNet
 
@@ -18,7 +20,8 @@ from .unet import DhariwalUNet
 class Preset:
     description: str
     stage: str | None          # "base" | "relay" for the published presets, None: either
-    resolution: int            # default training resolution (px)
+    resolution: int            # default training resolution (px); for stage None the base stage's
+                               # (a relay stage then trains at resolution * patch_size)
     network: dict[str, Any]    # DhariwalUNet keywords except img_resolution, channels, label_dim
     lr: float                  # Adam learning rate
     batch: int                 # images per optimizer step (all processes together)
@@ -26,6 +29,7 @@ class Preset:
     warmup_kimg: float         # linear learning-rate warm-up in thousands of images
     label_dropout: float       # class-label dropout for classifier-free guidance
     label_dim: int = 0         # classes of the published dataset (0: unconditional)
+    relay: RelayConfig | None = None   # published relay settings (None: RelayConfig() defaults)
 
 
 _ADM64 = dict(model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8))
@@ -39,7 +43,7 @@ PRESETS: dict[str, Preset] = {
     "imagenet256-relay": Preset(
         "ImageNet 64->256 relay stage, class-conditional ADM (~553M parameters)", "relay", 256,
         dict(_ADM256, dropout=0.10), lr=1e-4, batch=4096, ema_halflife_kimg=50000, warmup_kimg=10000,
-        label_dropout=0.1, label_dim=1000),
+        label_dropout=0.1, label_dim=1000, relay=RelayConfig.imagenet256()),
     "celebahq64-base": Preset(
         "CelebA-HQ 64x64 stage 1, unconditional ADM (~295M parameters)", "base", 64,
         dict(_ADM64, dropout=0.15), lr=1e-4, batch=1024, ema_halflife_kimg=500, warmup_kimg=10000,
@@ -47,9 +51,9 @@ PRESETS: dict[str, Preset] = {
     "celebahq256-relay": Preset(
         "CelebA-HQ 64->256 relay stage, unconditional ADM (~553M parameters)", "relay", 256,
         dict(_ADM256, dropout=0.20), lr=1e-4, batch=1024, ema_halflife_kimg=500, warmup_kimg=10000,
-        label_dropout=0.0),
+        label_dropout=0.0, relay=RelayConfig.celebahq256()),
     "small": Preset(
-        "CPU demo model (~6M parameters): 64x64 relay or 16-32 px base in tens of minutes", None, 64,
+        "CPU demo model (~7.7M parameters): 16x16 base or 16->64 relay in tens of minutes", None, 16,
         dict(model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(16, 8), dropout=0.0),
         lr=5e-4, batch=32, ema_halflife_kimg=10, warmup_kimg=2, label_dropout=0.1),
     "tiny": Preset(
