@@ -14,6 +14,7 @@ import json
 import math
 import pathlib
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -62,6 +63,17 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> No
         pe.lerp_(pm.detach(), 1.0 - beta)
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
+
+
+@torch.no_grad()
+def _weight_checksum(model: torch.nn.Module) -> tuple[float, float]:
+    """``(sum, sum of squares)`` of all parameters in float64: equal on every process while
+    the DDP replicas agree (stored in each checkpoint's state)."""
+    s = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
+    for p in model.parameters():
+        q = p.detach().double()
+        s += torch.stack([q.sum(), q.square().sum()])
+    return float(s[0]), float(s[1])
 
 
 class _Preview:
@@ -173,9 +185,14 @@ def _train(cfg: TrainConfig, dataset: ImageDataset, d: distributed.Dist,
         rng = d.all_gather_object(torch.get_rng_state())
         cuda_rng = d.all_gather_object(torch.cuda.get_rng_state(dev)) if dev.type == "cuda" else None
         pos = d.all_gather_object(data_pos)
+        sums = d.all_gather_object(_weight_checksum(model))
         if d.is_main:
+            if any(s != sums[0] for s in sums):
+                warnings.warn(f"relaydiff train: the processes' weights differ at step {step} "
+                              f"(checksums {sums}); DDP replicas have diverged", RuntimeWarning)
             state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "nimg": nimg,
-                     "skipped": skipped, "world": d.world, "rng": rng, "cuda_rng": cuda_rng, "data_pos": pos}
+                     "skipped": skipped, "world": d.world, "rng": rng, "cuda_rng": cuda_rng, "data_pos": pos,
+                     "weight_checksums": sums}
             save_checkpoint(run_dir, step, model, ema, _meta(cfg, net_kwargs, model, step, nimg, label_dim),
                             state, keep=cfg.keep)
 
