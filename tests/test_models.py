@@ -348,3 +348,19 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         atomic_write(target, crash)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_matches_cpu():
+    net = _tiny(3, seed=4)
+    x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.2, 3.0]), torch.eye(3)[:2]
+    ref = net(x, sigma, labels)
+    gpu = net.cuda()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out = gpu(x.cuda(), sigma.cuda(), labels.cuda()).cpu()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    gpu.amp = "bfloat16"
+    out16 = gpu(x.cuda(), sigma.cuda(), labels.cuda()).cpu()
+    assert out16.dtype == torch.float32 and (out16 - ref).abs().max() < 0.1

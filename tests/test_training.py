@@ -50,7 +50,7 @@ def images(tmp_path_factory) -> pathlib.Path:
 
 def tiny_cfg(data, out, **kw) -> TrainConfig:
     args = dict(stage="base", data=str(data), out=str(out), preset="tiny", resolution=16, batch=4, steps=4,
-                quiet=True, workers=0, log_every=2, checkpoint_every=1000, sample_every=-1, seed=3)
+                quiet=True, workers=0, log_every=2, checkpoint_every=1000, sample_every=-1, seed=3, device="cpu")
     args.update(kw)
     return TrainConfig(**args)
 
@@ -310,7 +310,8 @@ _DDP_SCRIPT = textwrap.dedent("""
     from relaydiff.training import TrainConfig, train
     torch.set_num_threads(1)
     train(TrainConfig(stage="relay", data=sys.argv[1], out=sys.argv[2], preset="tiny", resolution=16, batch=4,
-                      steps=3, quiet=True, workers=0, sample_every=-1, log_every=1, label_dropout=0.5))
+                      steps=3, quiet=True, workers=0, sample_every=-1, log_every=1, label_dropout=0.5,
+                      device="cpu"))
 """)
 
 
@@ -396,3 +397,19 @@ def test_cli_help_documents_every_option(capsys):
         for opt in action.option_strings:
             assert opt in text
         assert action.help, action.option_strings
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stage, amp", [("base", "bfloat16"), ("relay", "float16"), ("relay", None)])
+def test_cuda_training(tmp_path, images, stage, amp):
+    run = train(tiny_cfg(images, tmp_path / "r", stage=stage, steps=3, amp=amp, device="cuda", sample_every=0,
+                         sample_count=2, log_every=1))
+    log = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)
+    model, meta = load_model(run, device="cuda")
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    y = model(x, torch.tensor([0.5, 1.0], device="cuda"), torch.eye(2, device="cuda"))
+    assert torch.isfinite(y).all() and (run / "samples" / "step-0000003.png").is_file()

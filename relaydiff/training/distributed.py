@@ -66,8 +66,13 @@ def setup(device: str | None) -> Dist:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: CUDA is not available on this machine")
-        if world > 1 or dev.index is None:
-            dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+        if world > 1:
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"process {rank} (LOCAL_RANK {local_rank}) has no GPU: this machine has "
+                                 f"{torch.cuda.device_count()}; start fewer processes or use --device cpu")
+            dev = torch.device("cuda", local_rank)
+        elif dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
     owns = False
     if world > 1 and not dist.is_initialized():
