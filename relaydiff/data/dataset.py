@@ -137,6 +137,11 @@ class ImageDataset(torch.utils.data.Dataset):
             return _crop_resize(img, self.resolution)
 
     @property
+    def cached(self) -> bool:
+        """Whether the decoded images are held in memory."""
+        return self._cache is not None
+
+    @property
     def num_images(self) -> int:
         return len(self.source.names)
 

@@ -164,7 +164,7 @@ def _train(cfg: TrainConfig, dataset: ImageDataset, d: distributed.Dist,
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if d.active else model
     net = torch.compile(ddp) if cfg.compile else ddp
 
-    workers = cfg.workers if cfg.workers is not None else (0 if dataset._cache is not None else 4)
+    workers = cfg.workers if cfg.workers is not None else (0 if dataset.cached else 4)
     sampler = InfiniteSampler(len(dataset), rank=d.rank, world=d.world, seed=cfg.seed, start=data_pos)
     # a private generator: creating the iterator must not consume the global RNG (resume equivalence)
     loader = torch.utils.data.DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=workers,
