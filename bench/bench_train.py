@@ -6,6 +6,10 @@ Model: the ``tiny`` preset at 64x64 (relay stage 16 -> 64), batch 8, float32, Ad
 issue's target is corruption under 2% of a CPU training step with the fused op; the
 ``corruption`` rows give the op alone, the ``step`` rows a whole optimizer step. Also times
 the base stage at 16x16 (``tiny``), whose steps/s the tiny preset promises to keep high.
+
+Measured on 2 cores (``taskset -c 0,1``, 2 threads, Xeon host of an H100 machine): fused
+corruption 4.07 ms, reference 20.3 ms; relay step 431 ms (fused) vs 456 ms (reference), so
+the fused corruption is 0.9% of a step; base step at 16x16 75.8 ms.
 """
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ PRESETS: dict[str, Preset] = {
         None, 16,
         dict(model_channels=32, channel_mult=(1, 1, 2), channel_mult_emb=2, num_blocks=1, attn_resolutions=(),
              dropout=0.0),
-        lr=2e-3, batch=8, ema_halflife_kimg=1, warmup_kimg=0.1, label_dropout=0.1),
+        lr=2e-3, batch=4, ema_halflife_kimg=1, warmup_kimg=0.1, label_dropout=0.1),
 }
 
 

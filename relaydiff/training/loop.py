@@ -149,7 +149,8 @@ def _train(cfg: TrainConfig, dataset: ImageDataset, d: distributed.Dist,
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:   # empty when saved without float16 loss scaling
+            scaler.load_state_dict(state["scaler"])
         step, nimg, skipped = state["step"], state["nimg"], state["skipped"]
         if state["world"] == d.world:
             torch.set_rng_state(state["rng"][d.rank])
