@@ -185,7 +185,7 @@ def test_infinite_sampler_partitions_and_resumes():
 
 # ----------------------------------------------------------------------------- training
 
-def _fixed_loss(net, images, relay: RelayConfig | None = None) -> float:
+def _fixed_loss(net, images) -> float:
     """Weighted denoising error at 8 fixed noise levels with fixed noise (no global RNG use)."""
     g = torch.Generator().manual_seed(123)
     sigmas = torch.exp(torch.linspace(-3.0, 1.5, 8))
@@ -216,7 +216,7 @@ def test_training_decreases_loss(tmp_path, images):
     assert after < 0.75 * before, (before, after)   # measured: 1.27 -> 0.72
 
 
-def _weights(path: pathlib.Path) -> dict[str, torch.Tensor]:
+def _weights(path: pathlib.Path) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, _, state = load_checkpoint(latest_checkpoint(path))
     return tensors, state
 

@@ -15,7 +15,6 @@ import math
 import pathlib
 import time
 import warnings
-from typing import Any
 
 import torch
 import torch.nn.functional as F
