@@ -1,0 +1,82 @@
+"""Training losses: plain EDM for stage 1 and the relay loss for stage 2 (SPEC 4-5).
+
+A loss is a callable ``loss(net, images, labels=None) -> [B, C, H, W]`` per-element weighted
+squared error ``lambda(sigma) * (D(x_t; sigma, c) - x0)^2`` with
+``lambda = (sigma^2 + sd^2) / (sigma sd)^2``; ``net`` is a denoiser of the contract
+(:class:`~relaydiff.models.EDMPrecond`), ``images`` ``[B, C, H, W]`` in [-1, 1], ``labels``
+``[B, label_dim]`` one-hot or None. Randomness comes from torch's global generator, so
+``torch.manual_seed`` (and a saved RNG state) makes a run repeatable.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from relaydiff import ops
+from relaydiff.config import RelayConfig
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """EDM's ``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2`` (SPEC 5)."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+def drop_labels(labels: torch.Tensor | None, p: float) -> torch.Tensor | None:
+    """Zero each row of ``labels`` ``[B, label_dim]`` with probability ``p``: the zero vector is
+    the unconditional input that classifier-free guidance contrasts with (SPEC 5)."""
+    if labels is None or p <= 0.0:
+        return labels
+    keep = torch.rand(labels.shape[0], 1, device=labels.device) >= p
+    return labels * keep.to(labels.dtype)
+
+
+class _Loss:
+    def __init__(self, sigma_data: float, label_dropout: float):
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1); got {label_dropout!r}")
+        self.sigma_data = float(sigma_data)
+        self.label_dropout = float(label_dropout)
+
+    def corrupt(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ``(x_t, sigma [B])``."""
+        raise NotImplementedError
+
+    def __call__(self, net, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x_t, sigma = self.corrupt(images)
+        denoised = net(x_t, sigma, drop_labels(labels, self.label_dropout))
+        w = loss_weight(sigma, self.sigma_data).reshape(-1, 1, 1, 1)
+        return w * (denoised - images) ** 2
+
+
+class EDMLoss(_Loss):
+    """Stage 1 (SPEC 4-5): ``ln sigma ~ N(p_mean, p_std^2)``, ``x_t = x0 + sigma e``."""
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5,
+                 label_dropout: float = 0.0):
+        super().__init__(sigma_data, label_dropout)
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+
+    def corrupt(self, images):
+        sigma = (torch.randn(images.shape[0], device=images.device) * self.p_std + self.p_mean).exp()
+        return images + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(images), sigma
+
+
+class RelayLoss(_Loss):
+    """Relay stage (SPEC 4-5): ``(sigma, tau)`` from ``relay.sample_training`` (truncated
+    log-normal, blur from the same ``t``), ``x_t = Blur_tau(x0) + sigma n`` with ``n`` the mixed
+    block noise, computed by the fused ``relay_corrupt`` op (``corrupt`` swaps in another
+    implementation with its signature, e.g. ``relaydiff.ops.reference.relay_corrupt``).
+    The target is the unblurred ``x0``; ``images`` are the high-resolution images only."""
+
+    def __init__(self, relay: RelayConfig, sigma_data: float = 0.5, label_dropout: float = 0.0,
+                 corrupt: Callable[..., torch.Tensor] = ops.relay_corrupt):
+        super().__init__(sigma_data, label_dropout)
+        self.relay = relay
+        self._corrupt = corrupt
+
+    def corrupt(self, images):
+        sigma, tau = self.relay.sample_training(images.shape[0], device=images.device)
+        # the op draws its noise seed from torch's global generator when seed is None
+        x_t = self._corrupt(images, sigma, tau, **self.relay.op_kwargs())
+        return x_t, sigma

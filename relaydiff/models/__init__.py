@@ -1,0 +1,9 @@
+"""relaydiff.models: the ADM U-Net, EDM preconditioning, presets and checkpoint loading."""
+from .checkpoint import load_model, read_meta, resolve_checkpoint, save_weights
+from .precond import EDMPrecond, preconditioning
+from .presets import PRESETS, Preset, build_model, count_parameters, get_preset, network_kwargs
+from .unet import DhariwalUNet
+
+__all__ = ["DhariwalUNet", "EDMPrecond", "preconditioning", "PRESETS", "Preset", "build_model",
+           "count_parameters", "get_preset", "network_kwargs", "load_model", "read_meta",
+           "resolve_checkpoint", "save_weights"]

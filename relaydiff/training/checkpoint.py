@@ -1,0 +1,65 @@
+"""A run directory's checkpoints (docs/CONTRACTS.md, "Checkpoints").
+
+``checkpoints/step-XXXXXXX.safetensors`` (model + EMA weights, metadata), beside it
+``step-XXXXXXX.state.pt`` (optimizer, loss scaler, per-process RNG states, data position),
+and ``checkpoints/latest`` naming the newest complete pair. Each file is written atomically
+and ``latest`` last, so an interrupted save leaves the previous checkpoint in force.
+"""
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import Any
+
+import torch
+
+from relaydiff.models.checkpoint import LATEST, atomic_write, read_meta, save_weights
+
+_NAME = re.compile(r"^step-(\d{7,})\.safetensors$")
+
+
+def checkpoint_dir(run_dir: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(run_dir) / "checkpoints"
+
+
+def _state_path(weights: pathlib.Path) -> pathlib.Path:
+    return weights.with_name(weights.name[: -len(".safetensors")] + ".state.pt")
+
+
+def save_checkpoint(run_dir: pathlib.Path, step: int, model: torch.nn.Module, ema: torch.nn.Module,
+                    meta: dict[str, Any], state: dict[str, Any], keep: int = 0) -> pathlib.Path:
+    """Write step ``step``'s weights and training state, then point ``latest`` at them and
+    delete all but the newest ``keep`` checkpoints (0: keep all)."""
+    d = checkpoint_dir(run_dir)
+    weights = d / f"step-{step:07d}.safetensors"
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    save_weights(weights, tensors, meta)
+    atomic_write(_state_path(weights), lambda tmp: torch.save(state, tmp))
+    atomic_write(d / LATEST, lambda tmp: pathlib.Path(tmp).write_text(weights.name + "\n"))
+    if keep:
+        old = sorted((p for p in d.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
+        for p in old[:-keep]:
+            if p != weights:
+                _state_path(p).unlink(missing_ok=True)
+                p.unlink(missing_ok=True)
+    return weights
+
+
+def latest_checkpoint(run_dir: pathlib.Path) -> pathlib.Path | None:
+    """The weights file ``checkpoints/latest`` names, or None when there is none."""
+    latest = checkpoint_dir(run_dir) / LATEST
+    if not latest.is_file():
+        return None
+    weights = checkpoint_dir(run_dir) / latest.read_text().strip()
+    if not weights.is_file() or not _state_path(weights).is_file():
+        raise FileNotFoundError(f"{latest} names {weights.name}, but it or its .state.pt is missing")
+    return weights
+
+
+def load_checkpoint(weights: pathlib.Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """``(tensors, meta, state)`` of a checkpoint written by :func:`save_checkpoint`."""
+    from safetensors.torch import load_file
+    meta = read_meta(weights)
+    state = torch.load(_state_path(weights), map_location="cpu", weights_only=True)
+    return load_file(str(weights)), meta, state
