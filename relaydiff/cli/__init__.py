@@ -14,6 +14,7 @@ from .common import CLIError
 
 # (module, one-line help) in the order `relaydiff --help` lists them
 SUBCOMMANDS: list[tuple[str, str]] = [
+    ("convert", "convert a released EDM .pkl / RDM .pt checkpoint to .safetensors"),
 ]
 
 
