@@ -244,21 +244,21 @@ def convert_release(src: str | os.PathLike, stage: str | None = None, relay: Rel
         stage, relay_cfg = _resolve_stage(loss, stage, relay)
 
         model = build_model(network, precond)
-        expected = model.state_dict()
+        targets = model.state_dict()   # the model's own parameters and buffers (shared storage)
         found = module_tensors(ema)
-        _check_names(found, expected)
-        state = {}
+        _check_names(found, targets)
+        buffers = {name for name, _ in model.named_buffers()}
         for name, ref in tqdm(found.items(), desc="tensors", unit="tensor", disable=not progress, leave=False):
-            if not (ref.dtype.is_floating_point and expected[name].dtype.is_floating_point):
-                raise ConversionError(f"{name} is {ref.dtype} (expected {expected[name].dtype})")
-            state[name] = ref.load()
-    # buffers are constants of the architecture (the [1, 1] resampling filter): other values
-    # would describe a network relaydiff does not compute
-    for name, buf in model.named_buffers():
-        if not torch.equal(state[name].to(buf.dtype), buf):
-            raise ConversionError(f"buffer {name} differs from relaydiff's fixed value (a resampling filter "
-                                  "other than [1, 1] is not implemented)")
-    model.load_state_dict(state, strict=True)
+            if not ref.dtype.is_floating_point:
+                raise ConversionError(f"{name} is {ref.dtype} (expected {targets[name].dtype})")
+            value = ref.load().to(targets[name].dtype)
+            # buffers are constants of the architecture (the [1, 1] resampling filter): other
+            # values would describe a network relaydiff does not compute
+            if name in buffers and not torch.equal(value, targets[name]):
+                raise ConversionError(f"buffer {name} differs from relaydiff's fixed value (a resampling "
+                                      "filter other than [1, 1] is not implemented)")
+            with torch.no_grad():
+                targets[name].copy_(value)
 
     source.update(file=src.name, format=kind, sha256=_sha256(src),
                   nimg=nimg if isinstance(nimg, int) and not isinstance(nimg, bool) else None)
@@ -270,7 +270,8 @@ def convert_release(src: str | os.PathLike, stage: str | None = None, relay: Rel
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, stage: str | None = None,
-            relay: RelayConfig | str | None = None, progress: bool = False) -> tuple[pathlib.Path, dict[str, Any]]:
+                       relay: RelayConfig | str | None = None,
+                       progress: bool = False) -> tuple[pathlib.Path, dict[str, Any]]:
     """Convert ``src`` (see :func:`convert_release`) and write ``dst`` (``.safetensors``, atomically):
     tensors ``ema.<name>`` + the ``"relaydiff"`` metadata. Returns ``(dst, meta)``."""
     model, meta = convert_release(src, stage=stage, relay=relay, progress=progress)

@@ -67,25 +67,23 @@ class _NoBuild:
 
 class StorageRef(_NoBuild):
     """A flat storage of ``numel`` elements of ``dtype``; ``read()`` returns its raw
-    little-endian bytes and is called at most once, on the first :meth:`tensor`."""
-    __slots__ = ("dtype", "numel", "read", "_data")
+    little-endian bytes. Nothing is kept in memory between reads: a 500M-parameter network
+    is loaded tensor by tensor, and storages no tensor asks for are never read."""
+    __slots__ = ("dtype", "numel", "read")
 
     def __init__(self, dtype: torch.dtype, numel: int, read: Callable[[], bytes] | None = None):
-        self.dtype, self.numel, self.read, self._data = dtype, numel, read, None
+        self.dtype, self.numel, self.read = dtype, numel, read
 
     def tensor(self) -> torch.Tensor:
-        """The storage as a 1-D CPU tensor ``[numel]``."""
-        if self._data is None:
-            if self.read is None:
-                raise _malformed("a storage has no data record")
-            raw = self.read()
-            nbytes = self.numel * torch.empty((), dtype=self.dtype).element_size()
-            if len(raw) != nbytes:
-                raise _malformed(f"a {self.dtype} storage of {self.numel} elements holds {len(raw)} bytes "
-                                 f"(expected {nbytes})")
-            self._data = (torch.frombuffer(bytearray(raw), dtype=self.dtype) if nbytes
-                          else torch.empty(0, dtype=self.dtype))
-        return self._data
+        """The storage as a new 1-D CPU tensor ``[numel]``."""
+        if self.read is None:
+            raise _malformed("a storage has no data record")
+        raw = self.read()
+        nbytes = self.numel * torch.empty((), dtype=self.dtype).element_size()
+        if len(raw) != nbytes:
+            raise _malformed(f"a {self.dtype} storage of {self.numel} elements holds {len(raw)} bytes "
+                             f"(expected {nbytes})")
+        return torch.frombuffer(bytearray(raw), dtype=self.dtype) if nbytes else torch.empty(0, dtype=self.dtype)
 
 
 class TensorRef(_NoBuild):
@@ -100,7 +98,7 @@ class TensorRef(_NoBuild):
         return self.storage.dtype
 
     def load(self) -> torch.Tensor:
-        """A new contiguous CPU tensor of :attr:`shape` (reads the storage if not yet read)."""
+        """A new contiguous CPU tensor of :attr:`shape` (reads its storage)."""
         base = self.storage.tensor()
         if all(s > 0 for s in self.shape):
             last = self.offset + sum((n - 1) * st for n, st in zip(self.shape, self.stride))
