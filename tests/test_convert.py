@@ -281,6 +281,7 @@ def test_edm_pkl_relay_settings_come_from_blur_loss(tmp_path, edm_modules, marke
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_rdm_pt_reads_ema_only_from_cuda_tagged_storages(tmp_path, edm_modules, monkeypatch, zip_format):
     ema, kwargs = edm_network(seed=2)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("sigma_min", "sigma_max")}   # EDM's defaults: 0, inf
     src = tmp_path / "state.pt"
     n_opt = write_rdm_pt(src, ema, kwargs, "", monkeypatch, zip_format=zip_format)
     if zip_format:
@@ -301,6 +302,8 @@ def test_rdm_pt_reads_ema_only_from_cuda_tagged_storages(tmp_path, edm_modules, 
     assert meta["stage"] == "relay"
     assert meta["relay"] == RelayConfig.celebahq256(normalize_noise=False).to_dict()
     assert meta["kimg"] == 123.456 and meta["source"]["nimg"] == 123_456
+    assert meta["precond"] == dict(sigma_data=0.5, sigma_min=0.0, sigma_max=math.inf)
+    assert read_meta(dst) == meta | {"format": 1}
     assert meta["source"]["dropped_kwargs"] == {"eff_attn": True}
     assert_same_model(load_model(dst)[0], ema)
     assert convert_release(src, stage="base")[1]["stage"] == "base"
