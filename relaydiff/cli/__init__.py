@@ -15,6 +15,7 @@ from .common import CLIError
 # (module, one-line help) in the order `relaydiff --help` lists them
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("train", "train a base (stage 1) or relay (stage 2) model from a folder of images"),
+    ("convert", "convert a released EDM .pkl / RDM .pt checkpoint to .safetensors"),
 ]
 
 

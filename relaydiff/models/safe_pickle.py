@@ -1,0 +1,453 @@
+"""Read EDM ``.pkl`` and RDM ``.pt`` files without running code from them (docs/pretrained.md).
+
+A plain ``pickle.load`` imports and calls whatever a file names, and an EDM network pickle
+even ``exec``s the network's source text stored inside it. Here every global a pickle asks
+for is looked up in :data:`ALLOWED_GLOBALS`, a short list of harmless stand-ins that only
+*record* what the file describes; any other global raises :class:`ForbiddenGlobal` naming
+it before anything is called.
+
+* ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` -> :class:`PersistentRecord`
+  (class name, the object's ``__dict__`` with ``_init_args``/``_init_kwargs``/``_parameters``/
+  ``_buffers``/``_modules``; ``meta["module_src"]`` stays text and is never executed);
+* ``torch.nn.modules.container.ModuleDict`` (built by NEWOBJ or ``copyreg._reconstructor``)
+  -> :class:`ObjectRecord`; ``dnnlib.util.EasyDict`` -> a plain dict subclass;
+* ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter`` -> :class:`TensorRef`;
+  storages -> :class:`StorageRef`, read lazily and always onto the CPU, whether they come
+  from ``torch.storage._load_from_bytes`` (a legacy ``torch.save`` blob, parsed here with the
+  same allow-list) or from a torch zip file's ``data/<key>`` record (saved from any device);
+* numpy scalars -> Python numbers; ``collections.OrderedDict`` and ``set`` as themselves, and
+  ``_codecs.encode`` (how protocol-2 pickles spell ``bytes``) as a latin-1 encoder.
+
+Because storages are read only when a :class:`TensorRef` is loaded, the optimizer state and
+the raw training network of an RDM ``.pt`` are parsed as records but their data is never read.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import os
+import pickle
+import re
+import zipfile
+from typing import Any, Callable, Iterator
+
+import torch
+
+# torch.serialization's legacy (non-zip) header: magic number, then protocol version
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+_LEGACY_HEAD = pickle.dumps(LEGACY_MAGIC, protocol=2)
+_ZIP_HEAD = b"PK\x03\x04"
+
+
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """The file names a global outside :data:`ALLOWED_GLOBALS`; nothing from it was called."""
+
+    def __init__(self, module: str, name: str):
+        self.global_name = f"{module}.{name}"
+        super().__init__(
+            f"refusing to load global {self.global_name!r}: it is not on relaydiff's allow-list of "
+            "tensor, container and EDM-persistence globals (loading it could run code)")
+
+
+def _malformed(what: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(f"malformed checkpoint: {what}")
+
+
+# -- records -------------------------------------------------------------------------------
+
+class _NoBuild:
+    """Records are immutable once made: a pickle BUILD opcode on one is malformed input."""
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise _malformed(f"unexpected state for a {type(self).__name__}")
+
+
+class StorageRef(_NoBuild):
+    """A flat storage of ``numel`` elements of ``dtype``; ``read()`` returns its raw
+    little-endian bytes. Nothing is kept in memory between reads: a 500M-parameter network
+    is loaded tensor by tensor, and storages no tensor asks for are never read."""
+    __slots__ = ("dtype", "numel", "read")
+
+    def __init__(self, dtype: torch.dtype, numel: int, read: Callable[[], bytes] | None = None):
+        self.dtype, self.numel, self.read = dtype, numel, read
+
+    def tensor(self) -> torch.Tensor:
+        """The storage as a new 1-D CPU tensor ``[numel]``."""
+        if self.read is None:
+            raise _malformed("a storage has no data record")
+        raw = self.read()
+        nbytes = self.numel * torch.empty((), dtype=self.dtype).element_size()
+        if len(raw) != nbytes:
+            raise _malformed(f"a {self.dtype} storage of {self.numel} elements holds {len(raw)} bytes "
+                             f"(expected {nbytes})")
+        return torch.frombuffer(bytearray(raw), dtype=self.dtype) if nbytes else torch.empty(0, dtype=self.dtype)
+
+
+class TensorRef(_NoBuild):
+    """A strided view ``(storage, offset, shape, stride)`` of a :class:`StorageRef`."""
+    __slots__ = ("storage", "offset", "shape", "stride")
+
+    def __init__(self, storage: StorageRef, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]):
+        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    def load(self) -> torch.Tensor:
+        """A new contiguous CPU tensor of :attr:`shape` (reads its storage)."""
+        base = self.storage.tensor()
+        if all(s > 0 for s in self.shape):
+            last = self.offset + sum((n - 1) * st for n, st in zip(self.shape, self.stride))
+            if last >= base.numel():
+                raise _malformed(f"a tensor of shape {self.shape} reaches element {last} of a storage of "
+                                 f"{base.numel()}")
+        return torch.as_strided(base, self.shape, self.stride, self.offset).clone()
+
+
+class PersistentRecord(_NoBuild):
+    """An EDM ``torch_utils.persistence`` object as the file describes it; never instantiated.
+
+    ``state`` is the object's ``__dict__`` (for a module: ``_parameters``, ``_buffers``,
+    ``_modules`` ...); ``init_args``/``init_kwargs`` are its recorded constructor arguments."""
+    __slots__ = ("class_name", "state", "module_src", "version")
+
+    def __init__(self, class_name: str, state: dict, module_src: str, version):
+        self.class_name, self.state, self.module_src, self.version = class_name, state, module_src, version
+
+    @property
+    def init_args(self) -> tuple | None:
+        args = self.state.get("_init_args")
+        return None if args is None else tuple(args)
+
+    @property
+    def init_kwargs(self) -> dict | None:
+        return self.state.get("_init_kwargs")
+
+    def __repr__(self) -> str:
+        return f"PersistentRecord({self.class_name!r})"
+
+
+class ObjectRecord:
+    """An instance of an allowed ordinary class (``ModuleDict``): its name and ``__dict__`` state."""
+    qualname = ""
+    state: dict | None = None
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict) or self.state is not None:
+            raise _malformed(f"unexpected state for a {self.qualname}")
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"ObjectRecord({self.qualname!r})"
+
+
+class EasyDictRecord(dict):
+    """``dnnlib.util.EasyDict`` read as a plain dict (its items arrive through SETITEMS)."""
+
+    def __setstate__(self, state):
+        if state:
+            raise _malformed("unexpected attributes on an EasyDict")
+
+
+def _record_class(qualname: str) -> type:
+    return type(qualname.rsplit(".", 1)[-1], (ObjectRecord,), {"qualname": qualname})
+
+
+# -- stand-ins for the allowed globals ------------------------------------------------------
+
+class _StorageType(_NoBuild):
+    """``torch.FloatStorage`` and friends: only their element type matters."""
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+_STORAGE_TYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "UntypedStorage": torch.uint8,
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                    metadata=None) -> TensorRef:
+    if not isinstance(storage, StorageRef):
+        raise _malformed(f"a tensor is built from a {type(storage).__name__}, not a storage")
+    size, stride = tuple(size), tuple(stride)
+    if (not _is_int(storage_offset) or storage_offset < 0 or len(size) != len(stride)
+            or not all(_is_int(v) and v >= 0 for v in size + stride)):
+        raise _malformed(f"tensor geometry offset={storage_offset!r} size={size!r} stride={stride!r}")
+    return TensorRef(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks) -> TensorRef:
+    if not isinstance(data, TensorRef):
+        raise _malformed(f"a parameter wraps a {type(data).__name__}, not a tensor")
+    return data
+
+
+def _reconstruct_persistent_obj(meta) -> PersistentRecord:
+    if not isinstance(meta, dict) or not isinstance(meta.get("class_name"), str):
+        raise _malformed("a persistent object without a class name")
+    if meta.get("type", "class") != "class":
+        raise _malformed(f"persistent object of type {meta.get('type')!r} (expected 'class')")
+    state = meta.get("state") or {}
+    if not isinstance(state, dict):
+        raise _malformed(f"persistent {meta['class_name']} has a {type(state).__name__} state")
+    src = meta.get("module_src", "")
+    return PersistentRecord(meta["class_name"], state, src if isinstance(src, str) else "", meta.get("version"))
+
+
+class _Base(_NoBuild):
+    """``builtins.object`` / ``builtins.dict``, only as the base argument of ``copyreg._reconstructor``."""
+    __slots__ = ()
+
+
+_OBJECT, _DICT = _Base(), _Base()
+
+
+def _reconstructor(cls, base, state):
+    # protocol 0/1 spelling of "cls.__new__(cls)" (ModuleDict) or "cls(state)" (EasyDict)
+    if base is _OBJECT and isinstance(cls, type) and issubclass(cls, ObjectRecord) and state is None:
+        return cls()
+    if base is _DICT and cls is EasyDictRecord and isinstance(state, dict):
+        return EasyDictRecord(state)
+    raise _malformed("copyreg._reconstructor outside of its ModuleDict / EasyDict forms")
+
+
+def _latin1(text, encoding="latin1") -> bytes:
+    if not isinstance(text, str) or encoding != "latin1":
+        raise _malformed("_codecs.encode used for anything but protocol-2 bytes")
+    return text.encode("latin1")
+
+
+class _NumpyDtype:
+    """``numpy.dtype(spec, align, copy)`` for numeric scalars; the pickled state sets its byte order."""
+    __slots__ = ("spec", "byteorder")
+
+    def __init__(self, spec, align=False, copy=False):
+        if not isinstance(spec, str) or not re.fullmatch(r"[biufc]\d{1,2}", spec):
+            raise _malformed(f"numpy dtype {spec!r} (only numeric scalars are read)")
+        self.spec, self.byteorder = spec, "="
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "|", "="):
+            raise _malformed("numpy dtype state")
+        self.byteorder = state[1]
+
+    def to_numpy(self):
+        import numpy as np
+        dt = np.dtype(self.spec)
+        return dt.newbyteorder(self.byteorder) if self.byteorder in "<>" else dt
+
+
+def _numpy_scalar(dtype, data=None):
+    if not isinstance(dtype, _NumpyDtype):
+        raise _malformed("a numpy scalar without a numeric dtype")
+    import numpy as np
+    dt = dtype.to_numpy()
+    if not isinstance(data, bytes) or len(data) != dt.itemsize:
+        raise _malformed(f"numpy {dt} scalar payload")
+    return np.frombuffer(data, dtype=dt)[0].item()
+
+
+def _storage_pid(pid) -> tuple[torch.dtype, str, int, Any]:
+    """``("storage", storage_type, key, location, numel[, view_metadata])`` -> ``(dtype, key,
+    numel, view_metadata)``. The location (``"cuda:0"`` ...) is ignored: data always lands on the CPU."""
+    if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage":
+        kind = pid[0] if isinstance(pid, tuple) and pid else pid
+        raise _malformed(f"persistent record {kind!r} (only storages are read)")
+    _, stype, key, _location, numel, *view = pid
+    if not isinstance(stype, _StorageType) or not isinstance(key, str) or not _is_int(numel) or numel < 0:
+        raise _malformed(f"storage record {pid!r}")
+    return stype.dtype, key, numel, view[0] if view else None
+
+
+def read_legacy(blob: bytes | memoryview) -> Any:
+    """The object in a legacy (non-zip) ``torch.save`` blob: header pickles, the main pickle,
+    the list of storage keys, then per storage an int64 element count and its raw bytes."""
+    view = memoryview(blob)
+    f = io.BytesIO(view)
+    if RestrictedUnpickler(f).load() != LEGACY_MAGIC:
+        raise _malformed("not a legacy torch.save file (bad magic number)")
+    if RestrictedUnpickler(f).load() != LEGACY_PROTOCOL:
+        raise _malformed("unsupported legacy torch.save protocol")
+    sys_info = RestrictedUnpickler(f).load()
+    if not isinstance(sys_info, dict) or not sys_info.get("little_endian", True):
+        raise _malformed("big-endian legacy torch.save files are not supported")
+    roots: dict[str, StorageRef] = {}
+
+    def persistent_load(pid):
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+            # legacy torch.save names each nn.Module class with its source (for a diff only)
+            if not (isinstance(pid[1], type) and issubclass(pid[1], ObjectRecord)):
+                raise _malformed(f"module record {pid[1]!r}")
+            return pid[1]
+        dtype, key, numel, view_meta = _storage_pid(pid)
+        if view_meta is not None:
+            raise _malformed("storage views (files from torch < 1.0) are not supported")
+        ref = roots.setdefault(key, StorageRef(dtype, numel))
+        if (ref.dtype, ref.numel) != (dtype, numel):
+            raise _malformed(f"storage {key!r} is described twice differently")
+        return ref
+
+    obj = RestrictedUnpickler(f, persistent_load).load()
+    keys = RestrictedUnpickler(f).load()
+    if not isinstance(keys, list) or set(keys) != set(roots):
+        raise _malformed("the storage key list does not match the storages used")
+    offset = f.tell()
+    for key in keys:
+        ref = roots[key]
+        numel = int.from_bytes(view[offset:offset + 8], "little", signed=True)
+        if numel != ref.numel:
+            raise _malformed(f"storage {key!r} has {numel} elements on disk, {ref.numel} in its record")
+        start = offset + 8
+        offset = start + numel * torch.empty((), dtype=ref.dtype).element_size()
+        if offset > len(view):
+            raise _malformed("the file ends inside a storage")
+        ref.read = lambda s=start, e=offset: view[s:e]
+    return obj
+
+
+def _load_from_bytes(blob) -> StorageRef:
+    # EDM pickles carry each storage as the bytes of a legacy torch.save of that storage
+    if not isinstance(blob, bytes):
+        raise _malformed("torch.storage._load_from_bytes without bytes")
+    storage = read_legacy(blob)
+    if not isinstance(storage, StorageRef):
+        raise _malformed(f"an embedded torch.save blob holds a {type(storage).__name__}, not a storage")
+    return storage
+
+
+_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}   # protocol < 3 module names
+
+ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "object"): _OBJECT,
+    ("builtins", "dict"): _DICT,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("_codecs", "encode"): _latin1,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_from_bytes,
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+    ("dnnlib.util", "EasyDict"): EasyDictRecord,
+    ("torch.nn.modules.container", "ModuleDict"): _record_class("torch.nn.modules.container.ModuleDict"),
+    ("numpy", "dtype"): _NumpyDtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_TYPES.items()},
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` whose globals come only from :data:`ALLOWED_GLOBALS`.
+
+    ``persistent_load`` (torch's storage records) is given per file format; by default a
+    persistent id is malformed input."""
+
+    def __init__(self, file, persistent_load: Callable[[Any], Any] | None = None):
+        super().__init__(file, encoding="utf-8")
+        self._persistent_load = persistent_load
+
+    def find_class(self, module: str, name: str):
+        module = _ALIASES.get(module, module)
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise ForbiddenGlobal(module, name) from None
+
+    def load(self):
+        try:
+            return super().load()
+        except pickle.UnpicklingError:
+            raise
+        except Exception as e:   # a stand-in called with the wrong arguments, truncated input ...
+            raise _malformed(f"{type(e).__name__}: {e}") from e
+
+    def persistent_load(self, pid):
+        if self._persistent_load is None:
+            raise _malformed("a persistent id in a plain pickle")
+        return self._persistent_load(pid)
+
+
+
+# -- files ----------------------------------------------------------------------------------
+
+class _ProgressReader(io.RawIOBase):
+    """A read-only file that advances a tqdm bar by the bytes read (pickle parsing progress)."""
+
+    def __init__(self, f, bar):
+        self._f, self._bar = f, bar
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._f.readinto(b)
+        self._bar.update(n)
+        return n
+
+
+def _zip_prefix(zf: zipfile.ZipFile) -> str:
+    heads = [n[:-len("data.pkl")] for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(heads) != 1:
+        raise _malformed("a torch zip file must hold exactly one <name>/data.pkl")
+    return heads[0]
+
+
+def _read_torch_zip(zf: zipfile.ZipFile) -> Any:
+    prefix = _zip_prefix(zf)
+    if prefix + "byteorder" in zf.namelist() and zf.read(prefix + "byteorder").strip() != b"little":
+        raise _malformed("big-endian torch files are not supported")
+    refs: dict[str, StorageRef] = {}
+
+    def persistent_load(pid):
+        dtype, key, numel, _ = _storage_pid(pid)
+        ref = refs.get(key)
+        if ref is None:
+            refs[key] = ref = StorageRef(dtype, numel, lambda: zf.read(f"{prefix}data/{key}"))
+        elif (ref.dtype, ref.numel) != (dtype, numel):
+            raise _malformed(f"storage {key!r} is described twice differently")
+        return ref
+
+    with zf.open(prefix + "data.pkl") as f:
+        return RestrictedUnpickler(f, persistent_load).load()
+
+
+@contextlib.contextmanager
+def open_checkpoint(path: str | os.PathLike, progress: bool = False) -> Iterator[tuple[str, Any]]:
+    """Parse ``path`` with the allow-list and yield ``(kind, obj)``: ``kind`` is ``"pickle"``
+    (an EDM network pickle), ``"torch-zip"`` (``torch.save``, the default format since torch 1.6)
+    or ``"torch-legacy"``; ``obj`` is the top-level object with records in place of tensors and
+    network objects. Load :class:`TensorRef` s inside the ``with`` block (zip data is read lazily).
+
+    Raises :class:`ForbiddenGlobal` for a global outside the allow-list and
+    ``pickle.UnpicklingError`` for malformed input."""
+    from tqdm.auto import tqdm
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_HEAD))
+    if head.startswith(_ZIP_HEAD):
+        with zipfile.ZipFile(path) as zf:
+            yield "torch-zip", _read_torch_zip(zf)
+        return
+    if head == _LEGACY_HEAD:
+        with open(path, "rb") as f:
+            yield "torch-legacy", read_legacy(f.read())
+        return
+    with open(path, "rb") as raw, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True,
+                                       desc="reading", disable=not progress, leave=False) as bar:
+        obj = RestrictedUnpickler(io.BufferedReader(_ProgressReader(raw, bar))).load()
+    yield "pickle", obj
