@@ -14,6 +14,8 @@ from .common import CLIError
 
 # (module, one-line help) in the order `relaydiff --help` lists them
 SUBCOMMANDS: list[tuple[str, str]] = [
+    ("eval", "FID/sFID/IS/precision-recall/SWD/PSNR/SSIM of generated images"),
+    ("analyze", "PSD/SNR frequency analysis of images under white and block noise"),
 ]
 
 
