@@ -376,6 +376,8 @@ def test_evaluate_with_a_stand_in_network(tmp_path):
     with pytest.raises(ValueError, match="'is' needs the Inception classifier"):
         evaluate(tmp_path / "a", None, metrics=["is"], inception=TinyExtractor(classifier=False))
     np.savez(tmp_path / "mu_only.npz", mu=np.zeros(8), sigma=np.eye(8))
+    auto = evaluate(tmp_path / "a", tmp_path / "mu_only.npz", inception=net, progress=False)
+    assert {"fid", "is"} <= set(auto) and "sfid" not in auto and "precision" not in auto
     with pytest.raises(ValueError, match="'pr' needs reference features"):
         evaluate(tmp_path / "a", tmp_path / "mu_only.npz", metrics=["pr"], inception=net)
 

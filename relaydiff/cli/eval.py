@@ -8,7 +8,8 @@ import os
 from .common import CLIError, pick_device
 
 _METRIC_HELP = ("comma-separated: fid, sfid, is, pr (precision/recall, k=3), swd, psnr, ssim; "
-                "'auto' = fid,sfid,pr with --ref, plus is when the network has a classifier")
+                "'auto' = fid with --ref (plus sfid and pr where the reference allows them), plus is when "
+                "the network has a classifier")
 
 
 def add_parser(subparsers):

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 
 from .features import compute_stats
 from .frechet import FeatureStats, frechet_distance, load_stats
 from .image_quality import psnr, ssim
-from .images import FolderSource, ImageSource, ZipSource, npz_has_images, open_images
+from .images import FolderSource, ImageSource, ZipSource, npz_keys, open_images
 from .inception import load_inception
 from .manifold import inception_score, precision_recall
 from .swd import swd
@@ -39,11 +38,11 @@ class Reference:
             return
         path = os.fspath(ref) if not isinstance(ref, (torch.Tensor, ImageSource)) else None
         if path is not None and path.lower().endswith(".npz") and os.path.isfile(path):
-            with np.load(path) as data:
-                has_stats = "mu" in data.files and "sigma" in data.files
+            keys = npz_keys(path)
+            has_stats = {"mu", "sigma"} <= keys
             if has_stats:
                 self.stats = load_stats(path)
-            if npz_has_images(path):
+            if "arr_0" in keys:
                 self.source = open_images(path, "ref")
             if not has_stats and self.source is None:
                 raise ValueError(f"ref {path!r}: the .npz has neither 'mu'/'sigma' nor images 'arr_0'")
@@ -54,9 +53,17 @@ class Reference:
         return self.stats is not None or self.source is not None
 
 
-def _default_metrics(ref: Reference, has_probs: bool) -> list[str]:
-    chosen = ["fid", "sfid", "pr"] if ref else []
-    return chosen + (["is"] if has_probs else [])
+def _default_metrics(ref: Reference, outputs) -> list[str]:
+    """fid, plus sfid and pr where the reference allows them, plus is with a classifier."""
+    chosen = []
+    if ref:
+        stored = ref.stats
+        chosen.append("fid")
+        if "spatial" in outputs and (ref.source is not None or stored.mu_s is not None):
+            chosen.append("sfid")
+        if ref.source is not None or stored.pool is not None:
+            chosen.append("pr")
+    return chosen + (["is"] if "probs" in outputs else [])
 
 
 def _check_reference(metrics, ref: Reference) -> None:
@@ -132,8 +139,8 @@ def evaluate(images, ref=None, metrics=None, *, inception=None, batch_size: int 
              swd_images: int = SWD_MAX_IMAGES, seed: int = 0) -> dict[str, float]:
     """Metrics of ``images`` (folder, .zip, .npz ``arr_0``, tensor) against ``ref``.
 
-    ``metrics``: names from :data:`METRICS`; None picks ``fid, sfid, pr`` (with a reference)
-    plus ``is`` when the network has a classifier. ``inception``: a weights path, a loaded
+    ``metrics``: names from :data:`METRICS`; None picks ``fid`` and, where the reference
+    allows, ``sfid`` and ``pr`` (with a reference), plus ``is`` when the network has a classifier. ``inception``: a weights path, a loaded
     extractor, or None for the installed default (:func:`load_inception`). ``cache_dir``:
     where feature statistics are cached (None: no cache). Returns a flat dict: ``fid``,
     ``sfid``, ``is``/``is_std``, ``precision``/``recall``, ``swd_<size>``/``swd_mean``,
@@ -149,7 +156,7 @@ def evaluate(images, ref=None, metrics=None, *, inception=None, batch_size: int 
     if metrics is None or any(m in NETWORK_METRICS for m in metrics):
         extractor = inception if isinstance(inception, torch.nn.Module) else load_inception(inception)
     if metrics is None:
-        metrics = _default_metrics(reference, "probs" in extractor.outputs)
+        metrics = _default_metrics(reference, extractor.outputs)
         if not metrics:
             raise ValueError("nothing to compute: give a reference (ref / --ref) or a network with a classifier")
         _check_reference(metrics, reference)

@@ -191,9 +191,13 @@ def file_hash(path: str) -> str:
     return h.hexdigest()
 
 
-def npz_has_images(path: str) -> bool:
-    with zipfile.ZipFile(path) as z:
-        return "arr_0.npy" in z.namelist()
+def npz_keys(path: str) -> set[str]:
+    """The array names in an ``.npz`` (``ValueError`` if it is not one)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path!r} is not a readable .npz archive ({e})") from e
 
 
 def open_images(source, what: str = "images") -> ImageSource:
@@ -209,7 +213,7 @@ def open_images(source, what: str = "images") -> ImageSource:
     elif os.path.isfile(path) and path.lower().endswith(".zip"):
         src = ZipSource(path)
     elif os.path.isfile(path) and path.lower().endswith(".npz"):
-        if not npz_has_images(path):
+        if "arr_0" not in npz_keys(path):
             raise ValueError(f"{what} {path!r}: the .npz has no image array 'arr_0' (uint8 [N, H, W, 3])")
         src = NpzSource(path)
     elif not os.path.exists(path):
