@@ -16,6 +16,8 @@ from .common import CLIError
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("train", "train a base (stage 1) or relay (stage 2) model from a folder of images"),
     ("convert", "convert a released EDM .pkl / RDM .pt checkpoint to .safetensors"),
+    ("eval", "FID/sFID/IS/precision-recall/SWD/PSNR/SSIM of generated images"),
+    ("analyze", "PSD/SNR frequency analysis of images under white and block noise"),
 ]
 
 
