@@ -14,6 +14,8 @@ from .common import CLIError
 
 # (module, one-line help) in the order `relaydiff --help` lists them
 SUBCOMMANDS: list[tuple[str, str]] = [
+    ("sample", "generate images with a stage-1 and a relay model"),
+    ("upscale", "super-resolve a folder of images with a relay model"),
 ]
 
 
