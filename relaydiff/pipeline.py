@@ -49,6 +49,12 @@ def _attr(module, name: str, meta: dict | None, meta_key: str | None = None):
     return value
 
 
+def _check_chain(low_res: int, patch_size: int, high_res: int) -> None:
+    if low_res * patch_size != high_res:
+        raise PipelineError(f"stage 1 makes {low_res}px images and the relay stage (patch size {patch_size}) "
+                            f"expects {high_res // patch_size}px inputs for {high_res}px outputs")
+
+
 def _device_of(module) -> torch.device:
     params = getattr(module, "parameters", None)
     if params is not None:
@@ -92,11 +98,8 @@ class RelayPipeline:
                 low_shape = (int(c), int(r), int(r))
         self.low_shape = None if low_shape is None else tuple(int(v) for v in low_shape)
         hi = getattr(stage2, "img_resolution", None)
-        if self.low_shape is not None and hi is not None and \
-                self.low_shape[1] * config.patch_size != int(hi):
-            raise PipelineError(
-                f"stage 1 makes {self.low_shape[1]}px images and the relay stage (patch size "
-                f"{config.patch_size}) expects {int(hi) // config.patch_size}px inputs for {int(hi)}px outputs")
+        if self.low_shape is not None and hi is not None:
+            _check_chain(self.low_shape[1], config.patch_size, int(hi))
         if label_dim is None:
             dims = [int(getattr(m, "label_dim", 0) or 0) for m in (stage1, stage2)
                     if m is not None and not isinstance(m, RelayPipeline)]
@@ -114,25 +117,25 @@ class RelayPipeline:
         checkpoints, chained in order, with ``relaydiff.models.load_model`` (docs/CONTRACTS.md).
         ``which`` picks the EMA (default) or raw weights. Raises :class:`PipelineError` for a
         checkpoint of the wrong stage or resolutions that do not chain."""
-        prev, low_shape = None, None
+        prev, low_shape, label_dim = None, None, 0
         if stage1_path is not None:
             prev, meta = load_stage(stage1_path, "base", which, device)
             res = int(_attr(prev, "img_resolution", meta, "resolution"))
             low_shape = (int(_attr(prev, "img_channels", meta) or 3), res, res)
+            label_dim = int(meta.get("label_dim") or 0)
         for path in (stage2_path, *more_relay_paths):
             model, meta = load_stage(path, "relay", which, device)
             if not meta.get("relay"):
                 raise PipelineError(f"{path}: relay checkpoint without a RelayConfig in its metadata")
             config = RelayConfig.from_dict(meta["relay"])
+            p, res = config.patch_size, int(_attr(model, "img_resolution", meta, "resolution"))
             if low_shape is None:
-                res = int(_attr(model, "img_resolution", meta, "resolution"))
-                if res % config.patch_size:
-                    raise PipelineError(f"{path}: resolution {res} is not a multiple of the patch size "
-                                        f"{config.patch_size}")
-                low_shape = (int(_attr(model, "img_channels", meta) or 3), res // config.patch_size,
-                             res // config.patch_size)
-            prev = cls(prev, model, config, sampler=sampler, low_shape=low_shape,
-                       label_dim=int(meta.get("label_dim", 0) or 0) if prev is None else None)
+                if res % p:
+                    raise PipelineError(f"{path}: resolution {res} is not a multiple of the patch size {p}")
+                low_shape = (int(_attr(model, "img_channels", meta) or 3), res // p, res // p)
+            _check_chain(low_shape[1], p, res)
+            label_dim = max(label_dim, int(meta.get("label_dim") or 0))
+            prev = cls(prev, model, config, sampler=sampler, low_shape=low_shape, label_dim=label_dim)
             low_shape = prev.out_shape
         return prev
 

@@ -251,22 +251,26 @@ def test_relay_gaussian_moments(s_noise, fresh, t_truncation):
     # Against the data itself: the same statistical tolerance plus the sampler's own
     # discretisation error on this 24-level grid, which the oracle gives exactly (the
     # Heun slope average over two blur levels is only first-order accurate: 9-16% of the
-    # variance of high frequencies here, shrinking like 1/steps, see the next test).
+    # variance of high frequencies here, shrinking with the step, see the next test).
     assert bool(((m_hat - mu).abs() <= tol_m + (mean - mu).abs()).all())
     assert bool(((v_hat - v).abs() <= tol_v + (var - v).abs()).all())
 
 
 def test_relay_oracle_converges_to_data():
     """The oracle itself (Algorithm 1 on exact denoisers) approaches the data as the grid
-    is refined: the discretisation allowance above is a property of the sampler, not slack."""
+    is refined: the discretisation allowance above is a property of the sampler, not slack.
+    The mean error is first order (halves per doubling); the variance error shrinks more
+    slowly (s > 0 re-injects a fixed fraction of the noise at every step)."""
     config = RelayConfig(alpha=0.0)
     mu, v, _ = _gaussian_relay_setup(config)
-    errs = []
+    mean_err, var_err = [], []
     for steps in (32, 64, 128, 256):
         sig = truncate_sigmas(karras_sigmas(steps, 0.008, 80.0), 0.9).tolist()
         mean, var = _relay_oracle(mu, v, sig, config, 0.2, False)
-        errs.append(max(float((mean - mu).abs().max()), float(((var - v) / v).abs().max())))
-    assert all(b < a for a, b in zip(errs, errs[1:])) and errs[-1] < 0.5 * errs[1]
+        mean_err.append(float((mean - mu).abs().max()))
+        var_err.append(float(((var - v) / v).abs().max()))
+    assert all(0.4 < b / a < 0.6 for a, b in zip(mean_err, mean_err[1:])), mean_err
+    assert all(b < a for a, b in zip(var_err, var_err[1:])), var_err
 
 
 def test_relay_init():
@@ -331,7 +335,7 @@ def test_edm_gaussian_moments(s_churn):
     sigmas = karras_sigmas(32, 0.002, 80.0)
     kw = dict(s_churn=s_churn, s_min=0.05, s_max=50.0, s_noise=1.003)
     g = torch.Generator().manual_seed(4)
-    shape = (256, 3, 16, 16)
+    shape = (128, 3, 16, 16)
     x = mu_ + (v_ + 80.0 ** 2).sqrt() * torch.randn(shape, generator=g, dtype=torch.float64)
     out = sample_edm(denoiser, x, sigmas, seed=9, disable=True, **kw)
     samples = out.transpose(0, 1).reshape(3, -1)
