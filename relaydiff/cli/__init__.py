@@ -18,6 +18,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("convert", "convert a released EDM .pkl / RDM .pt checkpoint to .safetensors"),
     ("eval", "FID/sFID/IS/precision-recall/SWD/PSNR/SSIM of generated images"),
     ("analyze", "PSD/SNR frequency analysis of images under white and block noise"),
+    ("sample", "generate images with a stage-1 and a relay model"),
+    ("upscale", "super-resolve a folder of images with a relay model"),
 ]
 
 

@@ -1,0 +1,167 @@
+"""``relaydiff sample``: generate images with a stage-1 and a relay checkpoint.
+
+    relaydiff sample --stage1 RUN1 --stage2 RUN2 --out samples/ --n 16 --grid
+
+writes ``samples/{seed:06d}.png`` for the image seeds ``--seed .. --seed + n - 1`` (the
+images of a batch share its noise draws, so an image is reproduced by the same ``--seed``,
+``--n`` and ``--batch``), plus ``grid.png`` with ``--grid`` and the stage-1 images under
+``low/`` with ``--save-low``. ``--stage2`` takes several relay checkpoints for a cascade.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from .common import CLIError, pick_device
+
+
+def parse_int(value: str, flag: str, low: int = 1) -> int:
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or v < low:
+        raise CLIError(f"{flag} must be an integer >= {low}; got {value!r}")
+    return v
+
+
+def parse_float(value: str | None, flag: str, low: float = 0.0, high: float = float("inf")) -> float | None:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        v = float("nan")
+    if not low <= v < high:
+        raise CLIError(f"{flag} must be a number in [{low}, {high}); got {value!r}")
+    return v
+
+
+def parse_steps(value: str | None) -> tuple[int | None, int | None]:
+    """``"N"`` (both stages) or ``"N1,N2"`` (stage 1, relay) -> a pair; None -> (None, None)."""
+    if value is None:
+        return None, None
+    parts = value.split(",")
+    if len(parts) not in (1, 2):
+        raise CLIError(f"--steps must be N or N1,N2; got {value!r}")
+    nums = [parse_int(p, "--steps") for p in parts]
+    return (nums[0], nums[-1])
+
+
+def add_sampler_args(p) -> None:
+    """The sampler and loading flags shared by ``sample`` and ``upscale``."""
+    from relaydiff.sampling import PRESETS
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                   help="sampler settings (imagenet256/celebahq256: the published ones); default: default")
+    p.add_argument("--cfg", metavar="W", help="classifier-free guidance scale of the relay stage (1: off)")
+    p.add_argument("--s-noise", metavar="S", dest="s_noise",
+                   help="relay sampler stochasticity in [0, 1) (the preset's by default, 0.2)")
+    p.add_argument("--class", metavar="K", dest="class_idx", help="class index for every image "
+                   "(class-conditional models; default: random classes from the seed)")
+    p.add_argument("--seed", default="0", help="base random seed (default 0)")
+    p.add_argument("--batch", default="16", help="images per batch (default 16)")
+    p.add_argument("--which", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def checkpoint_path(path: str, flag: str) -> str:
+    if not os.path.exists(path):
+        raise CLIError(f"{flag} {path!r} does not exist")
+    return path
+
+
+def sampler_preset(args):
+    """The chosen preset with ``--cfg``/``--s-noise`` (and ``--cfg1`` where the command has it) applied."""
+    from relaydiff.sampling import get_preset
+    preset = get_preset(args.preset)
+    cfg1 = parse_float(getattr(args, "cfg1", None), "--cfg1")
+    if cfg1 is not None:
+        preset = dataclasses.replace(preset, stage1=dataclasses.replace(preset.stage1, cfg=cfg1))
+    relay = {}
+    cfg = parse_float(args.cfg, "--cfg")
+    if cfg is not None:
+        relay["cfg"] = cfg
+    s_noise = parse_float(args.s_noise, "--s-noise", high=1.0)
+    if s_noise is not None:
+        relay["s_noise"] = s_noise
+    return dataclasses.replace(preset, relay=dataclasses.replace(preset.relay, **relay))
+
+
+def load_pipeline(stage1: str | None, stage2: list[str], args):
+    """``RelayPipeline.from_checkpoints`` with load failures turned into one-line errors."""
+    from relaydiff.pipeline import PipelineError, RelayPipeline
+    device = pick_device(args.device)
+    try:
+        return RelayPipeline.from_checkpoints(stage1, *stage2, which=args.which, device=device,
+                                              sampler=sampler_preset(args))
+    except PipelineError as e:
+        raise CLIError(str(e)) from None
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"cannot load the checkpoints: {first}") from None
+
+
+def class_labels(args, pipe, n: int):
+    if args.class_idx is None:
+        return None
+    if pipe.label_dim == 0:
+        raise CLIError("--class given, but the models are unconditional")
+    k = parse_int(args.class_idx, "--class", low=0)
+    if k >= pipe.label_dim:
+        raise CLIError(f"--class must be in [0, {pipe.label_dim}); got {k}")
+    return [k] * n
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("sample", help="generate images with a stage-1 and a relay model",
+                              description="Generate images with a stage-1 and a relay model.",
+                              epilog=__doc__.split("\n\n", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage1", required=True, metavar="CKPT",
+                   help="stage-1 (base) run directory or checkpoint file")
+    p.add_argument("--stage2", required=True, nargs="+", metavar="CKPT",
+                   help="relay run directory or checkpoint file (several: a cascade, lowest first)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--n", default="16", help="number of images (default 16)")
+    p.add_argument("--steps", metavar="N[,N2]",
+                   help="grid size of both stages, or stage 1 and relay (relay: before truncation)")
+    p.add_argument("--cfg1", metavar="W", help="classifier-free guidance scale of stage 1 (1: off)")
+    p.add_argument("--grid", action="store_true", help="also write grid.png")
+    p.add_argument("--save-low", action="store_true", dest="save_low",
+                   help="also write the images the last relay stage started from, under low/")
+    add_sampler_args(p)
+    return p
+
+
+def run(args) -> int:
+    from relaydiff.images import image_grid, save_png, to_uint8
+
+    n = parse_int(args.n, "--n")
+    batch = parse_int(args.batch, "--batch")
+    seed = parse_int(args.seed, "--seed", low=0)
+    steps = parse_steps(args.steps)
+    sampler_preset(args)  # flag errors before anything is loaded
+    stage1 = checkpoint_path(args.stage1, "--stage1")
+    stage2 = [checkpoint_path(s, "--stage2") for s in args.stage2]
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out!r} exists and is not a directory")
+    pipe = load_pipeline(stage1, stage2, args)
+    labels = class_labels(args, pipe, n)
+
+    high, low = pipe.sample(n, labels, steps=steps, seed=seed, batch_size=batch, return_low=True,
+                            disable=True if args.quiet else None)
+    os.makedirs(args.out, exist_ok=True)
+    for k, img in enumerate(to_uint8(high)):
+        save_png(img, os.path.join(args.out, f"{seed + k:06d}.png"))
+    if args.save_low:
+        os.makedirs(os.path.join(args.out, "low"), exist_ok=True)
+        for k, img in enumerate(to_uint8(low)):
+            save_png(img, os.path.join(args.out, "low", f"{seed + k:06d}.png"))
+    if args.grid:
+        save_png(image_grid(high), os.path.join(args.out, "grid.png"))
+    if not args.quiet:
+        nfe = ", ".join(f"{k} {v}" for k, v in pipe.last_nfe.items())
+        print(f"wrote {n} images of {high.shape[-1]}px to {args.out} (NFE per batch: {nfe})")
+    return 0

@@ -1,0 +1,71 @@
+"""Image tensors <-> PNG files (docs/CONTRACTS.md, "Images").
+
+Floats are ``[B, C, H, W]`` in [-1, 1]; ``u8 = clamp(round((x + 1) * 127.5), 0, 255)`` and
+``x = u8 / 127.5 - 1``. C is 1 (grey) or 3 (RGB).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """``[B, C, H, W]`` floats in [-1, 1] -> ``[B, H, W, C]`` uint8."""
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images must be [B, C, H, W] with C = 1 or 3; got shape {tuple(x.shape)}")
+    u8 = ((x.detach().to(torch.float32) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return u8.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8(a: np.ndarray) -> torch.Tensor:
+    """``[H, W, C]`` or ``[B, H, W, C]`` uint8 -> float32 ``[B, C, H, W]`` in [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if t.dim() == 3:
+        t = t[None]
+    return t.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+    """Write one ``[H, W, C]`` uint8 image; the file appears complete or not at all."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    mode = "L" if image.shape[2] == 1 else "RGB"
+    Image.fromarray(image[:, :, 0] if mode == "L" else image, mode).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_image(path: str, channels: int = 3, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an image file as ``[H, W, channels]`` uint8 (grey or RGB; alpha is dropped),
+    resized to ``size = (H, W)`` with a Lanczos filter if given."""
+    with Image.open(path) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        if size is not None and (im.height, im.width) != tuple(size):
+            im = im.resize((size[1], size[0]), Image.LANCZOS)
+        a = np.asarray(im)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def list_images(folder: str) -> list[str]:
+    """The image files directly inside ``folder``, sorted by name."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(folder, f)))
+
+
+def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile ``[B, C, H, W]`` images into one ``[rows*(H+pad)+pad, ...]`` uint8 image, ``nrow``
+    per row (default about square), separated by black ``pad``-pixel borders."""
+    imgs = to_uint8(x)
+    b, h, w, c = imgs.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
+    rows = max(1, math.ceil(b / nrow))
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(b):
+        r, q = divmod(i, nrow)
+        y, xx = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y:y + h, xx:xx + w] = imgs[i]
+    return grid

@@ -1,0 +1,304 @@
+"""Generation end to end (SPEC 6-7): a stage-1 model samples low-resolution images, a relay
+model continues the diffusion at ``patch_size`` times the resolution from them.
+
+``RelayPipeline(stage1, stage2, config)`` holds the two denoisers; ``stage1`` may itself be a
+pipeline, which makes a cascade (64 -> 256 -> 1024 is
+``RelayPipeline(RelayPipeline(base, relay256, cfg256), relay1024, cfg1024)``), or ``None``
+for a pipeline that only super-resolves. Seeds are split deterministically per batch,
+stage and step, so ``(seed, n, batch_size)`` fixes every image.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from relaydiff.config import RelayConfig
+from relaydiff.ops._validate import check_image, check_seed
+
+from .sampling import cfg, get_preset, relay_init, sample_edm, sample_relay
+from .sampling.edm import white_noise
+from .sampling.presets import SamplerPreset
+from .sampling.seeds import derive_seed
+
+# derive_seed paths: one independent noise source per use
+_LATENT, _BASE, _INIT, _RELAY, _INNER, _LABELS = range(1, 7)
+
+
+class PipelineError(ValueError):
+    """Stages that do not fit together, or a checkpoint of the wrong stage."""
+
+
+def load_stage(path, stage: str, which: str = "ema", device="cpu"):
+    """Load a trainer checkpoint (run directory, checkpoint file or converted release) with
+    ``relaydiff.models.load_model`` and check that it is a ``stage`` ("base" or "relay")
+    model. Returns ``(model in eval mode, metadata)``."""
+    from relaydiff.models import load_model  # the models package imports this one's siblings
+
+    model, meta = load_model(path, which=which, device=device)
+    got = meta.get("stage")
+    if got != stage:
+        want = "stage-1 (base)" if stage == "base" else "relay (stage-2)"
+        raise PipelineError(f"{path} is a {got!r}-stage checkpoint, not a {want} one")
+    return model.eval(), meta
+
+
+def _attr(module, name: str, meta: dict | None, meta_key: str | None = None):
+    value = getattr(module, name, None)
+    if value is None and meta is not None:
+        value = meta.get(meta_key or name, (meta.get("network") or {}).get(name))
+    return value
+
+
+def _check_chain(low_res: int, patch_size: int, high_res: int) -> None:
+    if low_res * patch_size != high_res:
+        raise PipelineError(f"stage 1 makes {low_res}px images and the relay stage (patch size {patch_size}) "
+                            f"expects {high_res // patch_size}px inputs for {high_res}px outputs")
+
+
+def _device_of(module) -> torch.device:
+    params = getattr(module, "parameters", None)
+    if params is not None:
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+class RelayPipeline:
+    """A stage-1 sampler followed by a relay stage.
+
+    Args:
+        stage1: the base denoiser (e.g. ``EDMPrecond``), another ``RelayPipeline`` whose
+            outputs this relay stage continues, or ``None`` (``super_resolve`` only).
+        stage2: the relay denoiser, trained with ``config``.
+        config: the relay stage's :class:`~relaydiff.RelayConfig` (blur, noise, schedule).
+        sampler: a preset name of ``relaydiff.sampling.PRESETS`` or a ``SamplerPreset``.
+        low_shape: ``(C, h, w)`` of stage 1's images; default from ``stage1.img_channels``
+            and ``stage1.img_resolution`` (the ``EDMPrecond`` attributes).
+        label_dim: number of classes (0: unconditional); default the stages' ``label_dim``.
+
+    ``last_nfe`` holds the denoiser calls per batch of the latest call, per stage.
+    """
+
+    def __init__(self, stage1, stage2, config: RelayConfig, *, sampler: str | SamplerPreset = "default",
+                 low_shape: tuple[int, int, int] | None = None, label_dim: int | None = None):
+        if not isinstance(config, RelayConfig):
+            raise TypeError(f"config must be a RelayConfig; got {type(config).__name__}")
+        if stage2 is None:
+            raise PipelineError("stage2 (the relay denoiser) is required")
+        self.stage1, self.stage2, self.config = stage1, stage2, config
+        self.preset = get_preset(sampler)
+        if low_shape is None:
+            if isinstance(stage1, RelayPipeline):
+                low_shape = stage1.out_shape
+            elif stage1 is not None:
+                c, r = getattr(stage1, "img_channels", None), getattr(stage1, "img_resolution", None)
+                if c is None or r is None:
+                    raise PipelineError("stage1 has no img_channels/img_resolution attributes; "
+                                        "pass low_shape=(C, h, w)")
+                low_shape = (int(c), int(r), int(r))
+        self.low_shape = None if low_shape is None else tuple(int(v) for v in low_shape)
+        hi = getattr(stage2, "img_resolution", None)
+        if self.low_shape is not None and hi is not None:
+            _check_chain(self.low_shape[1], config.patch_size, int(hi))
+        if label_dim is None:
+            dims = [int(getattr(m, "label_dim", 0) or 0) for m in (stage1, stage2)
+                    if m is not None and not isinstance(m, RelayPipeline)]
+            if isinstance(stage1, RelayPipeline):
+                dims.append(stage1.label_dim)
+            label_dim = max(dims)
+        self.label_dim = int(label_dim)
+        self.last_nfe: dict[str, int] = {}
+
+    # -- construction from the trainer's checkpoints
+    @classmethod
+    def from_checkpoints(cls, stage1_path, stage2_path, *more_relay_paths, which: str = "ema",
+                         device="cpu", sampler: str | SamplerPreset = "default") -> "RelayPipeline":
+        """Load a base checkpoint (or ``None``: super-resolution only) and one or more relay
+        checkpoints, chained in order, with ``relaydiff.models.load_model`` (docs/CONTRACTS.md).
+        ``which`` picks the EMA (default) or raw weights. Raises :class:`PipelineError` for a
+        checkpoint of the wrong stage or resolutions that do not chain."""
+        prev, low_shape, label_dim = None, None, 0
+        if stage1_path is not None:
+            prev, meta = load_stage(stage1_path, "base", which, device)
+            res = int(_attr(prev, "img_resolution", meta, "resolution"))
+            low_shape = (int(_attr(prev, "img_channels", meta) or 3), res, res)
+            label_dim = int(meta.get("label_dim") or 0)
+        for path in (stage2_path, *more_relay_paths):
+            model, meta = load_stage(path, "relay", which, device)
+            if not meta.get("relay"):
+                raise PipelineError(f"{path}: relay checkpoint without a RelayConfig in its metadata")
+            config = RelayConfig.from_dict(meta["relay"])
+            p, res = config.patch_size, int(_attr(model, "img_resolution", meta, "resolution"))
+            if low_shape is None:
+                if res % p:
+                    raise PipelineError(f"{path}: resolution {res} is not a multiple of the patch size {p}")
+                low_shape = (int(_attr(model, "img_channels", meta) or 3), res // p, res // p)
+            _check_chain(low_shape[1], p, res)
+            label_dim = max(label_dim, int(meta.get("label_dim") or 0))
+            prev = cls(prev, model, config, sampler=sampler, low_shape=low_shape, label_dim=label_dim)
+            low_shape = prev.out_shape
+        return prev
+
+    # -- shapes and devices
+    @property
+    def out_shape(self) -> tuple[int, int, int] | None:
+        if self.low_shape is None:
+            return None
+        c, h, w = self.low_shape
+        return (c, h * self.config.patch_size, w * self.config.patch_size)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int] | None:
+        """``(C, h, w)`` of the images the lowest relay stage of the cascade starts from."""
+        return self.stage1.input_shape if isinstance(self.stage1, RelayPipeline) else self.low_shape
+
+    @property
+    def device(self) -> torch.device:
+        return _device_of(self.stage2)
+
+    def base(self):
+        """The stage-1 denoiser at the bottom of the cascade (``None`` if there is none)."""
+        return self.stage1.base() if isinstance(self.stage1, RelayPipeline) else self.stage1
+
+    # -- labels
+    def _labels(self, n: int, class_labels, seed: int) -> torch.Tensor | None:
+        """``[n, label_dim]`` one-hot floats from indices, one-hot rows or (``None``) random
+        classes drawn from ``seed``; ``None`` for unconditional models."""
+        if self.label_dim == 0:
+            if class_labels is not None:
+                raise ValueError("class_labels given, but the models are unconditional (label_dim 0)")
+            return None
+        if class_labels is None:
+            g = torch.Generator().manual_seed(derive_seed(seed, _LABELS))
+            class_labels = torch.randint(self.label_dim, (n,), generator=g)
+        labels = torch.as_tensor(class_labels)
+        if labels.dim() == 1 and not labels.is_floating_point():
+            if labels.numel() != n or bool(((labels < 0) | (labels >= self.label_dim)).any()):
+                raise ValueError(f"class_labels must be {n} class indices in [0, {self.label_dim}); "
+                                 f"got {labels.tolist()}")
+            labels = torch.nn.functional.one_hot(labels.long(), self.label_dim)
+        elif labels.shape != (n, self.label_dim):
+            raise ValueError(f"class_labels must be [n] indices or [n, {self.label_dim}] one-hot rows "
+                             f"with n = {n}; got shape {tuple(labels.shape)}")
+        return labels.to(device=self.device, dtype=torch.float32)
+
+    @staticmethod
+    def _for(module, labels):
+        return labels if int(getattr(module, "label_dim", 0) or 0) > 0 else None
+
+    # -- the stages
+    def _preset(self, steps) -> SamplerPreset:
+        if steps is None:
+            return self.preset
+        if isinstance(steps, int):
+            return self.preset.with_steps(steps, steps)
+        s1, rl = steps
+        return self.preset.with_steps(s1, rl)
+
+    def _sample_base(self, n: int, labels, seed: int, steps, disable) -> torch.Tensor:
+        st = self._preset(steps).stage1
+        sigmas = st.sigmas(self.device)
+        latent = torch.empty((n, *self.low_shape), device=self.device)
+        latent = white_noise(latent, derive_seed(seed, _LATENT)) * float(sigmas[0])
+        x, self.last_nfe["stage1"] = sample_edm(
+            cfg(self.stage1, st.cfg), latent, sigmas, class_labels=self._for(self.stage1, labels),
+            seed=derive_seed(seed, _BASE), disable=disable, return_nfe=True, **st.sampler_kwargs())
+        return x
+
+    def _relay(self, low: torch.Tensor, labels, seed: int, steps, disable) -> torch.Tensor:
+        rs = self._preset(steps).relay
+        sigmas = rs.sigmas(self.device)
+        x = relay_init(low, float(sigmas[0]), self.config, seed=derive_seed(seed, _INIT))
+        x, self.last_nfe["relay"] = sample_relay(
+            cfg(self.stage2, rs.cfg), x, sigmas, self.config, class_labels=self._for(self.stage2, labels),
+            seed=derive_seed(seed, _RELAY), disable=disable, return_nfe=True, **rs.sampler_kwargs())
+        return x
+
+    def _generate(self, n: int, labels, seed: int, steps, disable) -> list[torch.Tensor]:
+        """``[stage-1 images, relay outputs of every stage up to this one]`` for one batch."""
+        if isinstance(self.stage1, RelayPipeline):
+            levels = self.stage1._generate(n, labels, derive_seed(seed, _INNER), steps, disable)
+        else:
+            levels = [self._sample_base(n, labels, seed, steps, disable)]
+        levels.append(self._relay(levels[-1], labels, seed, steps, disable))
+        return levels
+
+    def _upscale(self, low: torch.Tensor, labels, seed: int, steps, disable) -> torch.Tensor:
+        if isinstance(self.stage1, RelayPipeline):
+            low = self.stage1._upscale(low, labels, derive_seed(seed, _INNER), steps, disable)
+        return self._relay(low, labels, seed, steps, disable)
+
+    # -- public API
+    def sample(self, n: int, class_labels=None, *, steps: int | tuple[int, int] | None = None,
+               seed: int | None = None, batch_size: int = 16, return_low: bool = False,
+               disable: bool | None = None):
+        """Generate ``n`` images ``[n, C, H, W]`` in [-1, 1] at this pipeline's output resolution.
+
+        ``class_labels``: ``[n]`` class indices or ``[n, label_dim]`` one-hot rows for a
+        class-conditional model (``None``: random classes from ``seed``). ``steps``: the grid
+        size of both stages, or ``(stage1, relay)``; the relay grid is counted before
+        truncation (the preset's ``sigma_cut`` drops its top). ``seed``: ``None`` draws one
+        from torch's global generator; batch ``k`` uses seeds derived from ``(seed, k *
+        batch_size)``. ``return_low``: also return the images this relay stage started from
+        (``[n, C, H/p, W/p]``, in [-1, 1]).
+        """
+        if self.base() is None:
+            raise PipelineError("this pipeline has no stage-1 model; use super_resolve")
+        n, batch_size = _positive(n, "n"), _positive(batch_size, "batch_size")
+        seed = check_seed(seed)
+        labels = self._labels(n, class_labels, seed)
+        highs, lows = [], []
+        for j in tqdm(range(0, n, batch_size), disable=disable, desc="batches", unit="batch"):
+            b = min(batch_size, n - j)
+            levels = self._generate(b, None if labels is None else labels[j:j + b],
+                                    derive_seed(seed, j), steps, disable)
+            highs.append(levels[-1].clamp(-1, 1))
+            lows.append(levels[-2].clamp(-1, 1))
+        high = torch.cat(highs)
+        return (high, torch.cat(lows)) if return_low else high
+
+    def super_resolve(self, images_low: torch.Tensor, class_labels=None, *,
+                      steps: int | tuple[int, int] | None = None, seed: int | None = None,
+                      batch_size: int = 16, disable: bool | None = None) -> torch.Tensor:
+        """Continue the relay diffusion from given images (paper App. C.3: the relay stage
+        also repairs artifacts in its input, since it does not condition on it).
+
+        ``images_low`` ``[B, C, h, w]`` in [-1, 1], of any size the relay network accepts
+        (the size it was trained for, ``low_shape``, works best). In a cascade every relay
+        stage runs in turn. Returns ``[B, C, h*P, w*P]`` in [-1, 1]
+        with ``P`` the product of the stages' patch sizes. ``steps`` (an int) is the relay
+        grid size before truncation.
+        """
+        check_image(images_low, "images_low")
+        if self.input_shape is not None and images_low.shape[1] != self.input_shape[0]:
+            raise ValueError(f"images_low must have {self.input_shape[0]} channels; "
+                             f"got shape {tuple(images_low.shape)}")
+        batch_size = _positive(batch_size, "batch_size")
+        n = images_low.shape[0]
+        seed = check_seed(seed)
+        labels = self._labels(n, class_labels, seed) if n else None
+        steps = None if steps is None else (None, steps) if isinstance(steps, int) else steps
+        outs = []
+        for j in tqdm(range(0, n, batch_size), disable=disable, desc="batches", unit="batch"):
+            low = images_low[j:j + batch_size].to(device=self.device, dtype=torch.float32)
+            outs.append(self._upscale(low, None if labels is None else labels[j:j + low.shape[0]],
+                                      derive_seed(seed, j), steps, disable).clamp(-1, 1))
+        if not outs:
+            p = self._total_scale()
+            return images_low.new_empty((0, images_low.shape[1], images_low.shape[2] * p,
+                                         images_low.shape[3] * p))
+        return torch.cat(outs)
+
+    def _total_scale(self) -> int:
+        inner = self.stage1._total_scale() if isinstance(self.stage1, RelayPipeline) else 1
+        return inner * self.config.patch_size
+
+    def __repr__(self) -> str:
+        return (f"RelayPipeline(low_shape={self.low_shape}, out_shape={self.out_shape}, "
+                f"label_dim={self.label_dim}, config={self.config}, preset={self.preset})")
+
+
+def _positive(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive integer; got {v!r}")
+    return v

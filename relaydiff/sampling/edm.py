@@ -1,0 +1,83 @@
+"""The stage-1 sampler: EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2;
+SPEC 7)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import trange
+
+from relaydiff.ops import mixed_noise
+from relaydiff.ops._validate import check_image, check_scalar, check_seed
+
+from .grids import check_sigmas
+from .seeds import derive_seed
+
+
+def white_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """Unit white Gaussian noise shaped like ``like``, a pure function of ``(seed, shape)``
+    (stream 0 of the library's Philox generator)."""
+    return mixed_noise(like, alpha=0.0, block_size=1, seed=seed)
+
+
+def call_denoiser(denoiser, x: torch.Tensor, sigma: float, class_labels, dtype: torch.dtype) -> torch.Tensor:
+    """``denoiser(x, sigma, class_labels)`` with ``x`` cast to ``dtype`` (the caller's image
+    dtype) and ``sigma`` as a ``[B]`` tensor of that dtype, the output cast back to ``x.dtype``."""
+    xin = x.to(dtype)
+    out = denoiser(xin, xin.new_full((x.shape[0],), sigma), class_labels)
+    return out.to(x.dtype)
+
+
+@torch.no_grad()
+def sample_edm(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=None,
+               s_churn: float = 0.0, s_min: float = 0.0, s_max: float = math.inf, s_noise: float = 1.0,
+               seed: int | None = None, callback=None, disable: bool | None = None,
+               return_nfe: bool = False):
+    """EDM stochastic Heun sampler from ``sigmas[0]`` down the grid ``sigmas``.
+
+    ``x`` ``[B, C, H, W]`` is the start state at ``sigmas[0]`` (for generation
+    ``sigmas[0] * white noise``). Step ``i`` (``sigma_i -> sigma_{i+1}``):
+    ``gamma = min(s_churn / N, sqrt(2) - 1)`` if ``s_min <= sigma_i <= s_max`` else 0,
+    ``sigma_hat = (1 + gamma) sigma_i``, ``x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) s_noise e``,
+    ``d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat``, Euler ``x' = x_hat + (sigma_{i+1} - sigma_hat) d``
+    and, unless ``sigma_{i+1} = 0``, the Heun correction with the slope at ``x'`` averaged in.
+    The state is kept in float64; the denoiser sees ``x.dtype``.
+
+    ``denoiser(x, sigma [B], class_labels)`` predicts the clean image. ``seed`` fixes the
+    churn noise (``None``: drawn from torch's global generator). ``callback`` receives
+    ``{step, sigma, sigma_hat, sigma_next, x, denoised, nfe}`` after every step;
+    ``disable`` turns the progress bar off. Returns the image in ``x.dtype``, with the number
+    of denoiser calls (``2N - 1`` on a grid of N levels ending in 0) if ``return_nfe``.
+    """
+    check_image(x, "x")
+    sig = check_sigmas(sigmas).tolist()
+    check_scalar(s_churn, "s_churn")
+    check_scalar(s_noise, "s_noise")
+    seed = check_seed(seed)
+    n = len(sig) - 1
+    gamma_max = min(s_churn / n, math.sqrt(2.0) - 1.0)
+    dtype = x.dtype
+    x = x.to(torch.float64)
+    nfe = 0
+    bar = trange(n, disable=disable, desc="edm", unit="step")
+    for i in bar:
+        s_cur, s_next = sig[i], sig[i + 1]
+        gamma = gamma_max if s_min <= s_cur <= s_max else 0.0
+        s_hat = s_cur * (1.0 + gamma)
+        if gamma > 0.0:
+            x = x + math.sqrt(s_hat ** 2 - s_cur ** 2) * s_noise * white_noise(x, derive_seed(seed, i))
+        denoised = call_denoiser(denoiser, x, s_hat, class_labels, dtype)
+        nfe += 1
+        d = (x - denoised) / s_hat
+        x_next = x + (s_next - s_hat) * d
+        if s_next > 0.0:
+            d_next = (x_next - call_denoiser(denoiser, x_next, s_next, class_labels, dtype)) / s_next
+            nfe += 1
+            x_next = x + (s_next - s_hat) * (0.5 * d + 0.5 * d_next)
+        if callback is not None:
+            callback(dict(step=i, sigma=s_cur, sigma_hat=s_hat, sigma_next=s_next, x=x,
+                          denoised=denoised, nfe=nfe))
+        x = x_next
+        bar.set_postfix(nfe=nfe, refresh=False)
+    x = x.to(dtype)
+    return (x, nfe) if return_nfe else x

@@ -1,0 +1,92 @@
+"""The relay (stage 2) sampler: paper Algorithm 1 (SPEC 6) on the fused ``relay_step`` op."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import trange
+
+from relaydiff.config import RelayConfig
+from relaydiff.ops import mixed_noise, relay_step
+from relaydiff.ops._validate import check_image, check_scalar, check_seed, per_sample
+
+from .edm import call_denoiser
+from .grids import check_sigmas
+from .seeds import derive_seed
+
+
+def nearest_upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``[B, C, h, w] -> [B, C, h*factor, w*factor]``, every pixel repeated in a block."""
+    return x.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+
+
+def relay_init(x_low: torch.Tensor, sigma0, config: RelayConfig, seed: int | None = None) -> torch.Tensor:
+    """The relay stage's start state (SPEC 6): ``nearest_upsample(x_low, p) + sigma0 * n``.
+
+    ``x_low`` ``[B, C, h, w]`` in [-1, 1]; ``sigma0`` a float or ``[B]`` (the first level of
+    the truncated grid); ``n`` the mixed noise of ``config`` (white plus ``alpha`` times block
+    noise) under ``seed``. Returns ``[B, C, h*p, w*p]`` in ``x_low.dtype``. The nearest
+    upsample is what the blur tends to at large ``tau``, so this approximates the forward
+    marginal at the top of the relay schedule.
+    """
+    check_image(x_low, "x_low")
+    up = nearest_upsample(x_low, config.patch_size)
+    sig = per_sample(sigma0, "sigma0", x_low.shape[0], x_low.device)
+    noise = mixed_noise(up, config.alpha, config.block_size, config.normalize_noise, seed=seed)
+    return up + sig.to(up.dtype)[:, None, None, None] * noise
+
+
+@torch.no_grad()
+def sample_relay(denoiser, x: torch.Tensor, sigmas: torch.Tensor, config: RelayConfig, *,
+                 class_labels=None, s_noise: float = 0.2, fresh_correction_noise: bool = False,
+                 t_truncation: float | None = None, seed: int | None = None, callback=None,
+                 disable: bool | None = None, return_nfe: bool = False):
+    """Relay sampler (paper Algorithm 1, SPEC 6) from ``sigmas[0]`` down the grid ``sigmas``.
+
+    ``x`` ``[B, C, H, W]`` is the start state at ``sigmas[0]`` (see :func:`relay_init`); the
+    grid is usually ``truncate_sigmas(karras_sigmas(...), cut)``. For each pair
+    ``(sigma_c, sigma_n)`` with blur times ``tau = config.tau_of_sigma(sigma, t_truncation)``:
+
+    * ``D = denoiser(x, sigma_c)``; if ``sigma_n = 0`` the sampler returns ``D``;
+    * Euler: ``x' = IDCT(A DCT(x) + B DCT(x - D)) + s_noise sigma_n n`` with
+      ``A = a_n + gamma (1 - a_c)``, ``B = gamma a_c - a_n``, ``gamma = sqrt(1 - s^2) sigma_n / sigma_c``
+      (one fused :func:`relaydiff.ops.relay_step`);
+    * Heun: ``D' = denoiser(x', sigma_n)`` and the same step with the slope averaged over
+      ``x`` and ``x'``, reusing the Euler step's noise ``n`` (the paper) or, with
+      ``fresh_correction_noise=True``, drawing new noise (the authors' code).
+
+    Every step's noise has a seed derived from ``seed`` (``None``: drawn from torch's
+    global generator), so one seed fixes the whole trajectory. The state stays in
+    ``x.dtype`` (the op computes in float32 for half types, in float64 for float64; its
+    step factors are float64). ``callback`` receives ``{step, sigma, sigma_next, x,
+    denoised, nfe}``; ``disable`` turns the progress bar off. Returns the image, with the
+    number of denoiser calls (``2K - 1`` for K nonzero levels and a final 0) if ``return_nfe``.
+    """
+    check_image(x, "x")
+    if not isinstance(config, RelayConfig):
+        raise TypeError(f"config must be a RelayConfig; got {type(config).__name__}")
+    check_scalar(s_noise, "s_noise", high=1.0, high_inclusive=False)
+    sig_t = check_sigmas(sigmas)
+    taus = config.tau_of_sigma(sig_t, t_truncation).tolist()
+    sig = sig_t.tolist()
+    seed = check_seed(seed)
+    op_kwargs = dict(s_noise=s_noise, **config.op_kwargs())
+    nfe = 0
+    bar = trange(len(sig) - 1, disable=disable, desc="relay", unit="step")
+    for i in bar:
+        s_cur, s_next, tau_cur, tau_next = sig[i], sig[i + 1], taus[i], taus[i + 1]
+        denoised = call_denoiser(denoiser, x, s_cur, class_labels, x.dtype)
+        nfe += 1
+        if s_next == 0.0:
+            x_next = denoised
+        else:
+            step_seed = derive_seed(seed, i)
+            x_prop = relay_step(x, denoised, s_cur, s_next, tau_cur, tau_next, seed=step_seed, **op_kwargs)
+            denoised_prop = call_denoiser(denoiser, x_prop, s_next, class_labels, x.dtype)
+            nfe += 1
+            corr_seed = derive_seed(seed, i, 1) if fresh_correction_noise else step_seed
+            x_next = relay_step(x, denoised, s_cur, s_next, tau_cur, tau_next, x_prop=x_prop,
+                                denoised_prop=denoised_prop, seed=corr_seed, **op_kwargs)
+        if callback is not None:
+            callback(dict(step=i, sigma=s_cur, sigma_next=s_next, x=x, denoised=denoised, nfe=nfe))
+        x = x_next
+        bar.set_postfix(nfe=nfe, refresh=False)
+    return (x, nfe) if return_nfe else x

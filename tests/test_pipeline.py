@@ -1,0 +1,288 @@
+"""Tests of relaydiff.pipeline and the ``relaydiff sample`` / ``relaydiff upscale`` commands.
+
+The denoisers are small analytic modules (the posterior mean of per-channel Gaussian data),
+so a whole two-stage run takes milliseconds. Checkpoints are written in the format of
+docs/CONTRACTS.md; until ``relaydiff.models`` exists on this branch, ``load_model`` is
+provided by a loader that reads exactly that format (the ``contract_loader`` fixture).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from relaydiff import RelayConfig
+from relaydiff.cli import main
+from relaydiff.pipeline import PipelineError, RelayPipeline
+from relaydiff.sampling import EDMSampling, RelaySampling, SamplerPreset, karras_sigmas, truncate_sigmas
+
+FAST = SamplerPreset(EDMSampling(steps=6), RelaySampling(steps=12))
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """``D(x; sigma, c) = m + v / (v + sigma^2) (x - m)`` with ``m = bias + c @ class_shift``:
+    the exact denoiser of per-channel Gaussian data with variance ``v``."""
+
+    def __init__(self, img_resolution: int, img_channels: int = 3, label_dim: int = 0, v: float = 0.1):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim, self.v = img_resolution, img_channels, label_dim, v
+        self.register_buffer("bias", torch.linspace(-0.3, 0.3, img_channels))
+        self.register_buffer("class_shift", torch.linspace(-0.5, 0.5, max(label_dim, 1) * img_channels)
+                             .reshape(max(label_dim, 1), img_channels))
+        self.calls: list[tuple[int, bool]] = []
+
+    def forward(self, x, sigma, class_labels=None):
+        self.calls.append((x.shape[0], class_labels is not None and not bool(class_labels[-1].any())))
+        m = self.bias[None, :, None, None].to(x.dtype)
+        if class_labels is not None:
+            m = m + (class_labels.to(x.dtype) @ self.class_shift.to(x.dtype))[:, :, None, None]
+        s2 = sigma.to(x.dtype)[:, None, None, None] ** 2
+        return m + self.v / (self.v + s2) * (x - m)
+
+
+def _pipeline(label_dim=0, res=8, p=4, preset=FAST):
+    config = RelayConfig(patch_size=p, block_size=p)
+    return RelayPipeline(GaussianDenoiser(res, label_dim=label_dim), GaussianDenoiser(res * p, label_dim=label_dim),
+                         config, sampler=preset)
+
+
+def _relay_nfe(steps, cut=0.9):
+    k = truncate_sigmas(karras_sigmas(steps, 0.008, 80.0), cut).numel() - 1
+    return 2 * k - 1
+
+
+# ---------------------------------------------------------------- pipeline
+
+def test_sample_shapes_nfe_and_determinism():
+    pipe = _pipeline()
+    high, low = pipe.sample(5, seed=3, batch_size=2, return_low=True, disable=True)
+    assert high.shape == (5, 3, 32, 32) and low.shape == (5, 3, 8, 8)
+    assert high.abs().max() <= 1 and low.abs().max() <= 1
+    assert pipe.last_nfe == {"stage1": 2 * 6 - 1, "relay": _relay_nfe(12)}
+    assert torch.equal(high, pipe.sample(5, seed=3, batch_size=2, disable=True))
+    assert (high - pipe.sample(5, seed=4, batch_size=2, disable=True)).abs().max() > 0.05
+    # a batch is a function of (seed, its first image index): the first batch repeats alone
+    assert torch.equal(high[:2], pipe.sample(2, seed=3, batch_size=2, disable=True))
+
+
+def test_steps_override():
+    pipe = _pipeline()
+    pipe.sample(1, seed=0, steps=(4, 20), disable=True)
+    assert pipe.last_nfe == {"stage1": 7, "relay": _relay_nfe(20)}
+    pipe.sample(1, seed=0, steps=10, disable=True)
+    assert pipe.last_nfe == {"stage1": 19, "relay": _relay_nfe(10)}
+
+
+def test_class_labels():
+    pipe = _pipeline(label_dim=4)
+    by_index = pipe.sample(3, [0, 3, 1], seed=1, disable=True)
+    one_hot = torch.nn.functional.one_hot(torch.tensor([0, 3, 1]), 4).float()
+    assert torch.equal(by_index, pipe.sample(3, one_hot, seed=1, disable=True))
+    assert (by_index - pipe.sample(3, [2, 2, 2], seed=1, disable=True)).abs().max() > 0.05
+    # without labels the classes are drawn from the seed
+    assert torch.equal(pipe.sample(3, seed=2, disable=True), pipe.sample(3, seed=2, disable=True))
+    with pytest.raises(ValueError, match="class indices"):
+        pipe.sample(3, [0, 4, 1], seed=1, disable=True)
+    with pytest.raises(ValueError, match="one-hot"):
+        pipe.sample(3, torch.zeros(3, 5), seed=1, disable=True)
+    with pytest.raises(ValueError, match="unconditional"):
+        _pipeline().sample(2, [0, 1], disable=True)
+
+
+def test_guidance_in_pipeline():
+    preset = SamplerPreset(EDMSampling(steps=4), RelaySampling(steps=12, cfg=3.0))
+    pipe = _pipeline(label_dim=2, preset=preset)
+    pipe.sample(2, [0, 1], seed=0, disable=True)
+    relay_calls = pipe.stage2.calls
+    assert len(relay_calls) == _relay_nfe(12)
+    # every guided call doubles the batch and its second half is unconditional (zero labels)
+    assert all(b == 4 and uncond for b, uncond in relay_calls)
+    assert all(b == 2 for b, _ in pipe.stage1.calls)
+
+
+def test_super_resolve_and_cascade():
+    pipe = _pipeline()
+    low = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = pipe.super_resolve(low, seed=1, batch_size=2, disable=True)
+    assert out.shape == (3, 3, 32, 32) and out.abs().max() <= 1
+    assert torch.equal(out, pipe.super_resolve(low, seed=1, batch_size=2, disable=True))
+    assert pipe.last_nfe == {"relay": _relay_nfe(12)}
+
+    c2 = RelayConfig(patch_size=2, block_size=2)
+    inner = RelayPipeline(GaussianDenoiser(4), GaussianDenoiser(8), c2, sampler=FAST)
+    cascade = RelayPipeline(inner, GaussianDenoiser(16), c2, sampler=FAST)
+    assert cascade.input_shape == (3, 4, 4) and cascade.out_shape == (3, 16, 16)
+    high, mid = cascade.sample(2, seed=0, return_low=True, disable=True)
+    assert high.shape == (2, 3, 16, 16) and mid.shape == (2, 3, 8, 8)
+    assert cascade.super_resolve(torch.zeros(2, 3, 4, 4), seed=0, disable=True).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="channels"):
+        cascade.super_resolve(torch.zeros(2, 1, 4, 4), disable=True)
+
+
+def test_pipeline_errors():
+    with pytest.raises(PipelineError, match="expects 8px inputs"):
+        RelayPipeline(GaussianDenoiser(16), GaussianDenoiser(32), RelayConfig())
+    with pytest.raises(PipelineError, match="low_shape"):
+        RelayPipeline(lambda x, s, c=None: x, GaussianDenoiser(32), RelayConfig())
+    with pytest.raises(PipelineError, match="super_resolve"):
+        RelayPipeline(None, GaussianDenoiser(32), RelayConfig(), low_shape=(3, 8, 8)).sample(1, disable=True)
+    with pytest.raises(ValueError, match="unknown sampler preset"):
+        _pipeline(preset="fastest")
+    with pytest.raises(ValueError, match="n must be"):
+        _pipeline().sample(0, disable=True)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _write_checkpoint(path, stage, resolution, label_dim=0, relay=None):
+    model = GaussianDenoiser(resolution, label_dim=label_dim)
+    tensors = {f"{w}.{k}": v.clone() for w in ("model", "ema") for k, v in model.state_dict().items()}
+    meta = {"format": 1, "stage": stage, "network": {"img_resolution": resolution, "img_channels": 3,
+                                                     "label_dim": label_dim},
+            "precond": {}, "relay": relay, "step": 10, "kimg": 0.01, "resolution": resolution,
+            "label_dim": label_dim}
+    save_file(tensors, str(path), metadata={"relaydiff": json.dumps(meta)})
+    return str(path)
+
+
+def _contract_load_model(path, which="ema", device="cpu"):
+    """``load_model`` of docs/CONTRACTS.md for single checkpoint files of the analytic model."""
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["relaydiff"])
+        state = {k[len(which) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(which + ".")}
+    net = meta["network"]
+    model = GaussianDenoiser(net["img_resolution"], net["img_channels"], net["label_dim"])
+    model.load_state_dict(state)
+    return model.to(device), meta
+
+
+@pytest.fixture
+def contract_loader(monkeypatch):
+    mod = types.ModuleType("relaydiff.models")
+    mod.load_model = _contract_load_model
+    monkeypatch.setitem(sys.modules, "relaydiff.models", mod)
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    relay = RelayConfig(blur_sigma_max=2.0).to_dict()
+    return dict(base=_write_checkpoint(tmp_path / "base.safetensors", "base", 8),
+                relay=_write_checkpoint(tmp_path / "relay.safetensors", "relay", 32, relay=relay),
+                relay16=_write_checkpoint(tmp_path / "relay16.safetensors", "relay", 16, relay=relay))
+
+
+def test_from_checkpoints(contract_loader, checkpoints):
+    pipe = RelayPipeline.from_checkpoints(checkpoints["base"], checkpoints["relay"], sampler=FAST)
+    assert pipe.low_shape == (3, 8, 8) and pipe.config.blur_sigma_max == 2.0
+    assert pipe.sample(2, seed=0, disable=True).shape == (2, 3, 32, 32)
+    up = RelayPipeline.from_checkpoints(None, checkpoints["relay"], sampler=FAST)
+    assert up.input_shape == (3, 8, 8)
+    with pytest.raises(PipelineError, match="'relay'-stage checkpoint, not a stage-1"):
+        RelayPipeline.from_checkpoints(checkpoints["relay"], checkpoints["relay"])
+    with pytest.raises(PipelineError, match="'base'-stage checkpoint, not a relay"):
+        RelayPipeline.from_checkpoints(checkpoints["base"], checkpoints["base"])
+    with pytest.raises(PipelineError, match="expects 4px inputs"):
+        RelayPipeline.from_checkpoints(checkpoints["base"], checkpoints["relay16"])
+
+
+# ---------------------------------------------------------------- CLI
+
+def _run_cli(capsys, *argv):
+    rc = main(list(argv))
+    return rc, capsys.readouterr()
+
+
+def _one_line_error(rc, cap, needle):
+    assert rc == 2
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], cap.err
+
+
+def test_cli_sample(contract_loader, checkpoints, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, cap = _run_cli(capsys, "sample", "--stage1", checkpoints["base"], "--stage2", checkpoints["relay"],
+                       "--out", str(out), "--n", "3", "--steps", "4,12", "--seed", "7", "--grid",
+                       "--save-low", "--batch", "2", "--quiet")
+    assert rc == 0, cap.err
+    names = sorted(os.listdir(out))
+    assert names == ["000007.png", "000008.png", "000009.png", "grid.png", "low"]
+    for name in names[:3]:
+        with Image.open(out / name) as im:
+            assert im.size == (32, 32) and im.mode == "RGB"
+        with Image.open(out / "low" / name) as im:
+            assert im.size == (8, 8)
+    # the PNGs hold the pipeline's images (uint8 rounding of the same samples)
+    pipe = RelayPipeline.from_checkpoints(checkpoints["base"], checkpoints["relay"], sampler=FAST)
+    want = pipe.sample(3, seed=7, steps=(4, 12), batch_size=2, disable=True)
+    got = torch.from_numpy(np.array(Image.open(out / "000008.png"))).permute(2, 0, 1).float() / 127.5 - 1
+    assert (got - want[1]).abs().max() <= 1 / 127.5 + 1e-6
+
+
+@pytest.mark.parametrize("n", ["0", "-2", "abc", "1.5"])
+def test_cli_sample_bad_n(contract_loader, checkpoints, tmp_path, capsys, n):
+    out = tmp_path / "out"
+    rc, cap = _run_cli(capsys, "sample", "--stage1", checkpoints["base"], "--stage2", checkpoints["relay"],
+                       "--out", str(out), "--n", n)
+    _one_line_error(rc, cap, "--n must be an integer >= 1")
+    assert not out.exists()
+
+
+def test_cli_sample_checkpoint_errors(contract_loader, checkpoints, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, cap = _run_cli(capsys, "sample", "--stage1", str(tmp_path / "nope"), "--stage2", checkpoints["relay"],
+                       "--out", str(out))
+    _one_line_error(rc, cap, "--stage1")
+    rc, cap = _run_cli(capsys, "sample", "--stage1", checkpoints["relay"], "--stage2", checkpoints["relay"],
+                       "--out", str(out), "--quiet")
+    _one_line_error(rc, cap, "not a stage-1 (base) one")
+    rc, cap = _run_cli(capsys, "sample", "--stage1", checkpoints["base"], "--stage2", checkpoints["base"],
+                       "--out", str(out), "--quiet")
+    _one_line_error(rc, cap, "not a relay (stage-2) one")
+    rc, cap = _run_cli(capsys, "sample", "--stage1", checkpoints["base"], "--stage2", checkpoints["relay"],
+                       "--out", str(out), "--class", "1", "--quiet")
+    _one_line_error(rc, cap, "unconditional")
+    assert not out.exists()
+
+
+def _write_inputs(folder, size, names=("a", "b", "c")):
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+
+
+def test_cli_upscale(contract_loader, checkpoints, tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    _write_inputs(src, 8)
+    rc, cap = _run_cli(capsys, "upscale", "--stage2", checkpoints["relay"], "--in", str(src), "--out", str(out),
+                       "--steps", "12", "--batch", "2", "--quiet")
+    assert rc == 0, cap.err
+    assert sorted(os.listdir(out)) == ["a.png", "b.png", "c.png"]
+    with Image.open(out / "b.png") as im:
+        assert im.size == (32, 32)
+
+    big, out2 = tmp_path / "big", tmp_path / "out2"
+    _write_inputs(big, 12)
+    rc, cap = _run_cli(capsys, "upscale", "--stage2", checkpoints["relay"], "--in", str(big), "--out", str(out2))
+    _one_line_error(rc, cap, "expects 8x8 inputs")
+    assert not out2.exists()
+    rc, cap = _run_cli(capsys, "upscale", "--stage2", checkpoints["relay"], "--in", str(big), "--out", str(out2),
+                       "--resize", "--steps", "12", "--quiet")
+    assert rc == 0 and len(os.listdir(out2)) == 3
+
+    rc, cap = _run_cli(capsys, "upscale", "--stage2", checkpoints["base"], "--in", str(src), "--out", str(out2))
+    _one_line_error(rc, cap, "not a relay (stage-2) one")
+    rc, cap = _run_cli(capsys, "upscale", "--stage2", checkpoints["relay"], "--in", str(tmp_path / "missing"),
+                       "--out", str(out2))
+    _one_line_error(rc, cap, "--in")
+    rc, cap = _run_cli(capsys, "upscale", "--stage2", str(tmp_path / "missing.safetensors"), "--in", str(src),
+                       "--out", str(out2))
+    _one_line_error(rc, cap, "--stage2")
