@@ -39,17 +39,20 @@ def extensions():
     # -ffp-contract=off: no FMA contraction, so the CPU kernels give the same bits on every
     # x86-64 (the noise generator is compiled for several instruction sets). -g0 undoes the
     # -g in Python's CFLAGS (halves the build time). No -march=native: wheels must be portable.
-    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-g0"]
+    # -fopenmp: at::parallel_for only runs in parallel in code compiled with OpenMP.
+    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-g0", "-fopenmp"]
+    link = ["-fopenmp"]
     if os.environ.get("RELAYDIFF_DEBUG"):
-        cxx = ["-O0", "-g"]
+        cxx = ["-O0", "-g", "-fopenmp"]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         return [cpp_extension.CUDAExtension("relaydiff._C", sources,
                                             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                                            py_limited_api=False)]
-    return [cpp_extension.CppExtension("relaydiff._C", sources, extra_compile_args={"cxx": cxx})]
+                                            extra_link_args=link, py_limited_api=False)]
+    return [cpp_extension.CppExtension("relaydiff._C", sources, extra_compile_args={"cxx": cxx},
+                                       extra_link_args=link)]
 
 
 setup(
