@@ -10,8 +10,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cmath>
-
 #include "../common/checks.h"
 #include "relay_launch.h"
 
@@ -53,13 +51,6 @@ void check_input(const at::Tensor& x, const char* name) {
 at::Tensor per_sample(const at::Tensor& v, const at::Tensor& x, const char* name) {
   check_per_sample(v, x, name);
   return v.to(at::kDouble).contiguous();
-}
-
-void check_noise_args(const at::Tensor& like, double alpha, int64_t block_size, int64_t seed) {
-  check_block(like, block_size);
-  check_seed(seed);
-  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0.0, "alpha must be finite and non-negative; got ",
-              alpha);
 }
 
 at::Tensor new_output(const at::Tensor& x) {
@@ -151,14 +142,7 @@ at::Tensor relay_step_cuda(const at::Tensor& x, const at::Tensor& denoised,
                            int64_t seed) {
   check_input(x, "x");
   check_patch(x, patch_size, "x");
-  check_like(denoised, x, "denoised");
-  const bool heun = x_prop.has_value();
-  TORCH_CHECK(heun == denoised_prop.has_value(),
-              "x_prop and denoised_prop must be given together or both be None");
-  if (heun) {
-    check_like(*x_prop, x, "x_prop");
-    check_like(*denoised_prop, x, "denoised_prop");
-  }
+  const bool heun = check_step_images(x, denoised, x_prop, denoised_prop);
   check_unit(s_noise, "s_noise", true);
   check_unit(min_scale, "min_scale", false);
   check_noise_args(x, alpha, block_size, seed);

@@ -124,6 +124,17 @@ RD_DEV void double_hilo(double d, uint32_t& hi, uint32_t& lo) {
 #endif
 }
 
+// Bits of the 16-bit storage types.
+RD_DEV unsigned short half_bits(__half h) { return __half_raw(h).x; }
+RD_DEV unsigned short half_bits(__nv_bfloat16 h) { return __nv_bfloat16_raw(h).x; }
+
+template <typename H>
+RD_DEV H half_of_bits(unsigned short bits) {
+  std::conditional_t<std::is_same<H, __half>::value, __half_raw, __nv_bfloat16_raw> raw;
+  raw.x = bits;
+  return H(raw);
+}
+
 // The 16 bytes as 16 / sizeof(S) compute values, and back (round to nearest even).
 RD_DEV void unpack(const Raw16& r, float* v, float*) {
   RD_UNROLL for (int i = 0; i < 4; ++i) v[i] = bits_float(r.w[i]);
@@ -131,18 +142,10 @@ RD_DEV void unpack(const Raw16& r, float* v, float*) {
 RD_DEV void unpack(const Raw16& r, double* v, double*) {
   RD_UNROLL for (int i = 0; i < 2; ++i) v[i] = hilo_double(r.w[2 * i + 1], r.w[2 * i]);
 }
-RD_DEV void unpack(const Raw16& r, float* v, __half*) {
+template <typename H>  // __half, __nv_bfloat16
+RD_DEV void unpack(const Raw16& r, float* v, H*) {
   RD_UNROLL for (int i = 0; i < 8; ++i) {
-    __half_raw h;
-    h.x = static_cast<unsigned short>(r.w[i >> 1] >> (16 * (i & 1)));
-    v[i] = __half2float(__half(h));
-  }
-}
-RD_DEV void unpack(const Raw16& r, float* v, __nv_bfloat16*) {
-  RD_UNROLL for (int i = 0; i < 8; ++i) {
-    __nv_bfloat16_raw h;
-    h.x = static_cast<unsigned short>(r.w[i >> 1] >> (16 * (i & 1)));
-    v[i] = __bfloat162float(__nv_bfloat16(h));
+    v[i] = to_compute(half_of_bits<H>(static_cast<unsigned short>(r.w[i >> 1] >> (16 * (i & 1)))));
   }
 }
 
@@ -156,21 +159,12 @@ RD_DEV Raw16 pack(const double* v, double*) {
   RD_UNROLL for (int i = 0; i < 2; ++i) double_hilo(v[i], r.w[2 * i + 1], r.w[2 * i]);
   return r;
 }
-RD_DEV Raw16 pack(const float* v, __half*) {
+template <typename H>
+RD_DEV Raw16 pack(const float* v, H*) {
   Raw16 r;
   RD_UNROLL for (int i = 0; i < 4; ++i) {
-    const __half_raw lo = __float2half_rn(v[2 * i]);
-    const __half_raw hi = __float2half_rn(v[2 * i + 1]);
-    r.w[i] = static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
-  }
-  return r;
-}
-RD_DEV Raw16 pack(const float* v, __nv_bfloat16*) {
-  Raw16 r;
-  RD_UNROLL for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat16_raw lo = __float2bfloat16_rn(v[2 * i]);
-    const __nv_bfloat16_raw hi = __float2bfloat16_rn(v[2 * i + 1]);
-    r.w[i] = static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
+    r.w[i] = static_cast<uint32_t>(half_bits(from_compute<H>(v[2 * i]))) |
+             (static_cast<uint32_t>(half_bits(from_compute<H>(v[2 * i + 1]))) << 16);
   }
   return r;
 }
