@@ -14,7 +14,6 @@ import torch
 
 import relaydiff.ops as O
 from relaydiff.ops import _ext
-from relaydiff.ops import reference as R
 from relaydiff.ops._philox import STREAM_BLOCK, STREAM_WHITE, philox_normal
 
 from cuda_emu import cases as K
