@@ -40,6 +40,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,
 DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" \
   >>"$OUT/nvidia-smi.txt" 2>&1
+{ command -v nvcc && nvcc --version | tail -2; } >>"$OUT/nvidia-smi.txt" 2>&1
 
 # ---------------------------------------------------------------- 1. build
 if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null; then
@@ -56,7 +57,7 @@ BACKEND=$("$PY" -c "import relaydiff.ops as O; print(O.backend())" 2>&1 | tail -
 # ---------------------------------------------------------------- 2. tests
 export RELAYDIFF_REQUIRE_CUDA=1
 t0=$SECONDS
-timeout "$(share 110 120)" "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py \
+timeout "$(share 110 120)" "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py --durations=8 \
   --junitxml="$OUT/test_ops_cuda.xml" >"$OUT/test_ops_cuda.log" 2>&1
 CUDA_TESTS_S=$((SECONDS - t0))
 OPS_TESTS="(no tests/test_ops.py)"
