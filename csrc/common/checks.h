@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <optional>
+
 namespace relaydiff {
 
 inline void check_image(const at::Tensor& x, const char* name) {
@@ -44,6 +47,29 @@ inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* nam
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(),
               "; got ", t.scalar_type());
   TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+inline void check_noise_args(const at::Tensor& like, double alpha, int64_t block_size, int64_t seed) {
+  check_block(like, block_size);
+  check_seed(seed);
+  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0.0, "alpha must be finite and non-negative; got ",
+              alpha);
+}
+
+// The images of relay_step besides x: denoised, and x_prop / denoised_prop (the Heun
+// correction: both or neither), each like x. Returns whether it is a Heun step.
+inline bool check_step_images(const at::Tensor& x, const at::Tensor& denoised,
+                              const std::optional<at::Tensor>& x_prop,
+                              const std::optional<at::Tensor>& denoised_prop) {
+  check_like(denoised, x, "denoised");
+  const bool heun = x_prop.has_value();
+  TORCH_CHECK(heun == denoised_prop.has_value(),
+              "x_prop and denoised_prop must be given together or both be None");
+  if (heun) {
+    check_like(*x_prop, x, "x_prop");
+    check_like(*denoised_prop, x, "denoised_prop");
+  }
+  return heun;
 }
 
 inline void check_unit(double v, const char* name, bool closed_top) {

@@ -61,8 +61,9 @@ RD_HD float unit_halfopen(uint32_t r) { return static_cast<float>(r >> 8) * 5.96
 RD_HD double unit_open_f64(uint32_t r) { return static_cast<double>(((r >> 9) << 1) | 1u) * 5.9604644775390625e-8; }
 RD_HD double unit_halfopen_f64(uint32_t r) { return static_cast<double>(r >> 8) * 5.9604644775390625e-8; }
 
+// Device intrinsics only in the device pass: nvcc's host pass compiles RD_HD code too.
 RD_HD uint32_t float_bits(float f) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
   union { float f; uint32_t u; } c{f};
@@ -71,7 +72,7 @@ RD_HD uint32_t float_bits(float f) {
 }
 
 RD_HD float bits_float(uint32_t u) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
   union { uint32_t u; float f; } c{u};

@@ -538,13 +538,6 @@ at::Tensor patch_blur_cpu(const at::Tensor& x, const at::Tensor& tau, int64_t pa
   return out;
 }
 
-void check_noise_args(const at::Tensor& like, double alpha, int64_t block_size, int64_t seed) {
-  check_block(like, block_size);
-  check_seed(seed);
-  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0.0, "alpha must be finite and non-negative; got ",
-              alpha);
-}
-
 at::Tensor relay_corrupt_cpu(const at::Tensor& x0, const at::Tensor& sigma, const at::Tensor& tau,
                              int64_t patch_size, double alpha, int64_t block_size,
                              double min_scale, bool normalize, int64_t seed) {
@@ -580,14 +573,7 @@ at::Tensor relay_step_cpu(const at::Tensor& x, const at::Tensor& denoised,
                           int64_t seed) {
   check_image(x, "x");
   check_patch(x, patch_size, "x");
-  check_like(denoised, x, "denoised");
-  const bool heun = x_prop.has_value();
-  TORCH_CHECK(heun == denoised_prop.has_value(),
-              "x_prop and denoised_prop must be given together or both be None");
-  if (heun) {
-    check_like(*x_prop, x, "x_prop");
-    check_like(*denoised_prop, x, "denoised_prop");
-  }
+  const bool heun = check_step_images(x, denoised, x_prop, denoised_prop);
   check_per_sample(sigma, x, "sigma");
   check_per_sample(sigma_next, x, "sigma_next");
   check_per_sample(tau, x, "tau");

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# The whole GPU check in one go, for a fresh GPU machine (torch with CUDA preinstalled, no
+# internet) with this repository as the working directory:
+#   1. build relaydiff._C with its CUDA kernels in place (one arch, ninja, all cores)
+#   2. tests/test_ops_cuda.py, then the CUDA cases of tests/test_ops.py (failures do not stop
+#      the script)
+#   3. bench/gpu_bench.py (kernel vs eager twin vs torch.compile, % of copy bandwidth)
+#   4. compute-sanitizer memcheck + racecheck of every op, when time is left
+# Everything goes under $OUT (default bench/results/): nvidia-smi.txt, build.log,
+# test_ops_cuda.log/.xml, test_ops.log/.xml, bench.txt, bench.json, sanitizer.log,
+# summary.txt. The summary table is printed last. Each step gets a share of DEADLINE
+# seconds (default 330), so the whole script ends within ~6 minutes.
+#
+#   OUT=/tmp/out bench/gpu_check.sh          # PYTHON=python3, TORCH_CUDA_ARCH_LIST=9.0
+set -u
+cd "$(dirname "$0")/.."
+START=$SECONDS
+DEADLINE=${DEADLINE:-330}
+OUT=${OUT:-bench/results}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+left() { echo $((DEADLINE - (SECONDS - START))); }
+# seconds for a step: at most $1, leaving $2 for the steps after it
+share() {
+  local s=$(($(left) - $2))
+  ((s > $1)) && s=$1
+  ((s < 5)) && s=5
+  echo "$s"
+}
+pytest_line() {  # the "N passed, M failed in Xs" line of a pytest log, or why there is none
+  local line
+  line=$(grep -E "^(=+ )?[0-9]+ (passed|failed|skipped|error)|no tests ran" "$1" 2>/dev/null | tail -1 | tr -d '=')
+  echo "${line:-no result (timeout or crash; see $1)}"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
+  --format=csv >"$OUT/nvidia-smi.txt" 2>&1
+DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" \
+  >>"$OUT/nvidia-smi.txt" 2>&1
+{ command -v nvcc && nvcc --version | tail -2; } >>"$OUT/nvidia-smi.txt" 2>&1
+
+# ---------------------------------------------------------------- 1. build
+if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null; then
+  CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  export CUDA_HOME
+fi
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} RELAYDIFF_BUILD_CUDA=1
+t0=$SECONDS
+timeout "$(share 200 150)" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+BUILD_RC=$?
+BUILD_S=$((SECONDS - t0))
+BACKEND=$("$PY" -c "import relaydiff.ops as O; print(O.backend())" 2>&1 | tail -1)
+
+# ---------------------------------------------------------------- 2. tests
+export RELAYDIFF_REQUIRE_CUDA=1
+t0=$SECONDS
+timeout "$(share 110 120)" "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py --durations=8 \
+  --junitxml="$OUT/test_ops_cuda.xml" >"$OUT/test_ops_cuda.log" 2>&1
+CUDA_TESTS_S=$((SECONDS - t0))
+OPS_TESTS="(no tests/test_ops.py)"
+OPS_TESTS_S=0
+if [[ -f tests/test_ops.py ]]; then
+  t0=$SECONDS
+  timeout "$(share 70 100)" "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda \
+    --junitxml="$OUT/test_ops.xml" >"$OUT/test_ops.log" 2>&1
+  OPS_TESTS_S=$((SECONDS - t0))
+  OPS_TESTS=$(pytest_line "$OUT/test_ops.log")
+fi
+
+# ---------------------------------------------------------------- 3. benchmark
+t0=$SECONDS
+bench_s=$(share 170 25)
+timeout "$bench_s" "$PY" bench/gpu_bench.py --out "$OUT/bench.json" --budget $((bench_s * 5 / 10)) \
+  --compile-budget $((bench_s * 3 / 10)) >"$OUT/bench.txt" 2>&1
+BENCH_RC=$?
+BENCH_S=$((SECONDS - t0))
+
+# ---------------------------------------------------------------- 4. sanitizer
+SANITIZER="skipped (no time left)"
+command -v compute-sanitizer >/dev/null || SANITIZER="skipped (compute-sanitizer not found)"
+if ((BUILD_RC == 0)) && command -v compute-sanitizer >/dev/null && (($(left) >= 30)); then
+  cat >"$OUT/sanitize_ops.py" <<'EOF'
+import torch
+K = torch.ops.relaydiff
+for dt in (torch.float32, torch.bfloat16):
+    x = torch.randn(2, 3, 40, 72, device="cuda").to(dt)
+    v = torch.tensor([0.5, 1.0], dtype=torch.float64, device="cuda")
+    K.patch_dct(x, 4); K.patch_idct(x[..., ::2], 2); K.patch_blur(x, v, 8, 1e-3)
+    K.block_noise(x, 5, 1); K.mixed_noise(x, 0.15, 16, True, 1)
+    K.relay_corrupt(x.to(memory_format=torch.channels_last), v, v, 4, 0.15, 4, 1e-3, True, 1)
+    K.relay_step(x, x, x, x, v, v, v, v, 0.2, 4, 0.15, 3, 1e-3, True, 1)
+torch.cuda.synchronize()
+print("sanitized run done")
+EOF
+  : >"$OUT/sanitizer.log"
+  SANITIZER=""
+  for tool in memcheck racecheck; do
+    ((s = $(left) / 2 - 5)); ((s < 10)) && { SANITIZER+="$tool: skipped (time) "; continue; }
+    timeout "$s" compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" "$OUT/sanitize_ops.py" \
+      >>"$OUT/sanitizer.log" 2>&1
+    case $? in
+      0) SANITIZER+="$tool: clean " ;;
+      3) SANITIZER+="$tool: ERRORS (sanitizer.log) " ;;
+      124) SANITIZER+="$tool: timeout " ;;
+      *) SANITIZER+="$tool: did not run (sanitizer.log) " ;;
+    esac
+  done
+fi
+
+# ---------------------------------------------------------------- summary (last)
+{
+  echo "================ relaydiff GPU check: ${DEVICE:-no GPU found} ================"
+  echo "total $((SECONDS - START)) s; results in $OUT"
+  if ((BUILD_RC == 0)); then
+    echo "build:   ok in ${BUILD_S} s (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS); backend: $BACKEND"
+  else
+    echo "build:   FAILED (rc $BUILD_RC) after ${BUILD_S} s; first errors, then the log's end:"
+    grep -m 8 -E "error:|Error:" "$OUT/build.log" | cut -c1-240
+    tail -n 4 "$OUT/build.log" | cut -c1-240
+  fi
+  echo "tests/test_ops_cuda.py:    $(pytest_line "$OUT/test_ops_cuda.log") [${CUDA_TESTS_S} s]"
+  grep -E "^(FAILED|ERROR) " "$OUT/test_ops_cuda.log" | head -12 | cut -c1-200
+  echo "tests/test_ops.py -k cuda: $OPS_TESTS [${OPS_TESTS_S} s]"
+  [[ -f "$OUT/test_ops.log" ]] && grep -E "^(FAILED|ERROR) " "$OUT/test_ops.log" | head -8 | cut -c1-200
+  echo "sanitizer: $SANITIZER"
+  echo "benchmark (rc $BENCH_RC, ${BENCH_S} s):"
+  if ((BENCH_RC == 0)); then
+    tail -n 30 "$OUT/bench.txt"
+  else
+    tail -n 6 "$OUT/bench.txt"
+    [[ -f "$OUT/bench.json" ]] && "$PY" bench/gpu_bench.py --table "$OUT/bench.json"
+  fi
+} | tee "$OUT/summary.txt"
