@@ -3,12 +3,7 @@
 #include <cstring>
 #include <utility>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(RELAYDIFF_NO_MULTIVERSION)
-#define RD_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RD_MULTIVERSION
-#endif
+#include "multiversion.h"
 
 namespace relaydiff {
 namespace {

@@ -29,15 +29,9 @@
 #include "../common/checks.h"
 #include "../common/philox.h"
 #include "../common/relay_math.h"
+#include "multiversion.h"
 #include "patch_rows.h"
 #include "philox_cpu.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(RELAYDIFF_NO_MULTIVERSION)
-#define RD_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RD_MULTIVERSION
-#endif
 
 namespace relaydiff {
 namespace {
@@ -445,6 +439,13 @@ struct ScaleSpec {
   int block_size = 1;
   uint64_t seed = 0;
   bool step = false;
+
+  void set_noise(double alpha_, bool normalize_, int64_t block_size_, int64_t seed_) {
+    alpha = alpha_;
+    normalize = normalize_;
+    block_size = static_cast<int>(block_size_);
+    seed = static_cast<uint64_t>(seed_);
+  }
 };
 
 struct NoSecondInput {
@@ -551,10 +552,7 @@ at::Tensor relay_corrupt_cpu(const at::Tensor& x0, const at::Tensor& sigma, cons
   spec.tau = per_sample_values(tau, "tau", false);
   spec.noise_w = per_sample_values(sigma, "sigma", false);
   spec.min_scale = min_scale;
-  spec.alpha = alpha;
-  spec.normalize = normalize;
-  spec.block_size = static_cast<int>(block_size);
-  spec.seed = static_cast<uint64_t>(seed);
+  spec.set_noise(alpha, normalize, block_size, seed);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "relay_corrupt", [&] {
     dispatch_patch(patch_size, [&](auto pc) {
@@ -593,10 +591,7 @@ at::Tensor relay_step_cpu(const at::Tensor& x, const at::Tensor& denoised,
     spec.noise_w.push_back(s_noise * sig_n[b]);
   }
   spec.min_scale = min_scale;
-  spec.alpha = alpha;
-  spec.normalize = normalize;
-  spec.block_size = static_cast<int>(block_size);
-  spec.seed = static_cast<uint64_t>(seed);
+  spec.set_noise(alpha, normalize, block_size, seed);
 
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relay_step", [&] {
