@@ -22,16 +22,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CACHE_AUTO_BYTES = 256 << 20
 
 
-def uint8_to_float(u8: torch.Tensor) -> torch.Tensor:
-    """``x = u8 / 127.5 - 1`` (docs/CONTRACTS.md, Images): uint8 -> float32 in [-1, 1]."""
-    return u8.to(torch.float32) / 127.5 - 1.0
-
-
-def float_to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """``u8 = clamp(round((x + 1) * 127.5), 0, 255)``."""
-    return ((x.detach().to(torch.float32) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 class _Source:
     """The image files of a folder or a zip, by relative POSIX name."""
 
