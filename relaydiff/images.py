@@ -48,6 +48,18 @@ def save_png(image: np.ndarray, path) -> None:
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
+def center_square(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` -> its centre ``min(H, W)`` square resized to ``size x size``
+    (Lanczos: the resize itself should add no aliasing to the spectrum)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 [H, W, 3]; got {image.dtype} {list(image.shape)}")
+    h, w = image.shape[:2]
+    m = min(h, w)
+    top, left = (h - m) // 2, (w - m) // 2
+    crop = Image.fromarray(np.ascontiguousarray(image[top:top + m, left:left + m]))
+    return np.asarray(crop if m == size else crop.resize((size, size), Image.LANCZOS))
+
+
 def load_image(path: str, channels: int = 3, size: tuple[int, int] | None = None) -> np.ndarray:
     """Read an image file as ``[H, W, channels]`` uint8 (grey or RGB; alpha is dropped),
     resized to ``size = (H, W)`` with a Lanczos filter if given."""

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from relaydiff.images import center_square
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CACHE_AUTO_BYTES = 256 << 20
 
@@ -52,17 +54,6 @@ class _Source:
 
     def __getstate__(self):
         return {**self.__dict__, "_zip": None}
-
-
-def _crop_resize(img: Image.Image, resolution: int) -> np.ndarray:
-    img = img.convert("RGB")
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    img = img.crop((left, top, left + s, top + s))
-    if s != resolution:
-        img = img.resize((resolution, resolution), Image.LANCZOS)
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -124,7 +115,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _decode(self, i: int) -> np.ndarray:
         with self.source.open(self.source.names[i]) as img:
-            return _crop_resize(img, self.resolution)
+            return center_square(np.asarray(img.convert("RGB")), self.resolution).transpose(2, 0, 1)
 
     @property
     def cached(self) -> bool:
