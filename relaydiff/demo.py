@@ -27,7 +27,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import pathlib
 import time
 import zipfile
@@ -39,7 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from relaydiff.config import RelayConfig
-from relaydiff.images import center_square, float_to_uint8, from_uint8, save_png, to_uint8
+from relaydiff.images import center_square, from_uint8, save_png, to_uint8
 
 TILE = 64            # high resolution (px)
 PATCH = 4            # relay factor: 16 -> 64
@@ -60,6 +59,7 @@ class DemoError(ValueError):
 
 @dataclasses.dataclass
 class DemoConfig:
+    """Settings of :func:`run_demo`; ``None`` counts take the default (or smoke) size."""
     out: str = "demo_out"             # output folder (must not exist or be empty)
     minutes: float = 10.0             # wall-clock budget for the whole demo
     smoke: bool = False               # tiny data and 2 optimizer steps per stage (CI)
@@ -72,10 +72,9 @@ class DemoConfig:
 
     def resolved(self) -> "DemoConfig":
         c = dataclasses.replace(self)
-        small = c.smoke
-        c.n_samples = c.n_samples if c.n_samples is not None else (4 if small else 16)
-        c.n_heldout = c.n_heldout if c.n_heldout is not None else (2 if small else 8)
-        c.n_crops = c.n_crops if c.n_crops is not None else (8 if small else 2000)
+        c.n_samples = c.n_samples if c.n_samples is not None else (4 if c.smoke else 16)
+        c.n_heldout = c.n_heldout if c.n_heldout is not None else (2 if c.smoke else 8)
+        c.n_crops = c.n_crops if c.n_crops is not None else (8 if c.smoke else 2000)
         if not (isinstance(c.minutes, (int, float)) and math.isfinite(c.minutes) and c.minutes > 0):
             raise DemoError(f"minutes must be a positive number; got {c.minutes!r}")
         for name in ("n_samples", "n_heldout"):
@@ -116,10 +115,11 @@ def _png(a: np.ndarray) -> bytes:
 def build_data(photos: dict[str, np.ndarray], out: pathlib.Path, n_heldout: int, n_crops: int, seed: int = 0,
                max_tiles: int | None = None, quiet: bool = False) -> DemoData:
     """From ``photos`` (name -> uint8 ``[H, W, 3]``, e.g. ``load_bundled_photos()``) write
-    ``out/data/train.zip`` (``tile_PHOTO_Y_X.png`` and ``crop_K_PHOTO_Y_X_SIZE.png``, flat
-    names, so the training is unconditional) and the held-out tiles ``out/data/heldout/{high,low}/NAME.png`` (64 px
-    ground truth, 16 px box-downsampled input); see the module docstring. ``max_tiles`` caps
-    the training tiles (a random subset), for smoke runs."""
+    ``out/data/train.zip`` (``tile_PHOTO_Y_X.png`` and ``crop_K_PHOTO_Y_X_SIZE.png``; flat
+    names, so the training is unconditional) and the held-out tiles
+    ``out/data/heldout/{high,low}/NAME.png`` (64 px ground truth, 16 px box-downsampled
+    input); see the module docstring. ``max_tiles`` caps the training tiles (a random
+    subset), for smoke runs."""
     rng = np.random.default_rng(seed)
     names = list(photos)
     tiles = {name: _tiles(photos[name]) for name in names}
@@ -143,9 +143,13 @@ def build_data(photos: dict[str, np.ndarray], out: pathlib.Path, n_heldout: int,
     with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED) as z:
         for name, (y, x) in tqdm(train_tiles, desc="tiles", unit="img", disable=quiet, leave=False):
             z.writestr(f"tile_{name}_{y:04d}_{x:04d}.png", _png(photos[name][y:y + TILE, x:x + TILE]))
-        done = 0
+        done, tries = 0, 0
         bar = tqdm(total=n_crops, desc="crops", unit="img", disable=quiet, leave=False)
         while done < n_crops:
+            tries += 1
+            if tries > 100 * n_crops:
+                raise ValueError(f"only {done} of {n_crops} random crops were neither flat nor overlapping "
+                                 "a held-out tile; the photos are too small or too flat")
             name = names[rng.integers(len(names))]   # photos equally likely, whatever their size
             photo = photos[name]
             h, w = photo.shape[:2]
@@ -163,7 +167,7 @@ def build_data(photos: dict[str, np.ndarray], out: pathlib.Path, n_heldout: int,
     high = np.stack([photos[name][y:y + TILE, x:x + TILE] for name, (y, x) in held_list])
     heldout = from_uint8(high)
     held_names = [f"{name}_{y:04d}_{x:04d}" for name, (y, x) in held_list]
-    low = float_to_uint8(F.avg_pool2d(heldout, PATCH)).permute(0, 2, 3, 1).numpy()
+    low = to_uint8(F.avg_pool2d(heldout, PATCH))
     for sub, imgs in (("high", high), ("low", low)):
         (data_dir / "heldout" / sub).mkdir(parents=True, exist_ok=True)
         for nm, img in zip(held_names, imgs):
