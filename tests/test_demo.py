@@ -134,7 +134,7 @@ def test_cli_errors(tmp_path, capsys):
     _one_line_error(capsys, ["demo", "--smoke", "--out", str(full)], "not an empty directory")
     assert os.listdir(full) == ["keep.txt"]
     out = tmp_path / "new"
-    for bad in ("0", "-1", "abc", "inf"):
-        _one_line_error(capsys, ["demo", "--minutes", bad, "--out", str(out)], "--minutes must be a positive")
+    for bad in ("0", "-1", "abc", "inf", "nan"):
+        _one_line_error(capsys, ["demo", "--minutes", bad, "--out", str(out)], "--minutes must be")
     _one_line_error(capsys, ["demo", "--seed", "-2", "--out", str(out)], "--seed must be an integer")
     assert not out.exists()

@@ -14,9 +14,9 @@ usable with `relaydiff sample` and `relaydiff upscale`). See docs/demo.md.
 from __future__ import annotations
 
 import argparse
-import math
 
 from .common import CLIError, pick_device
+from .sample import parse_float, parse_int
 
 
 def add_parser(subparsers):
@@ -40,18 +40,10 @@ def add_parser(subparsers):
 def run(args) -> int:
     from relaydiff.demo import DemoConfig, DemoError, format_summary, run_demo
 
-    try:
-        minutes = float(args.minutes)
-    except ValueError:
-        minutes = float("nan")
-    if not (math.isfinite(minutes) and minutes > 0):
-        raise CLIError(f"--minutes must be a positive number; got {args.minutes!r}")
-    try:
-        seed = int(args.seed)
-    except ValueError:
-        seed = -1
-    if seed < 0:
-        raise CLIError(f"--seed must be an integer >= 0; got {args.seed!r}")
+    minutes = parse_float(args.minutes, "--minutes")
+    if minutes == 0:
+        raise CLIError(f"--minutes must be positive; got {args.minutes!r}")
+    seed = parse_int(args.seed, "--seed", low=0)
     device = pick_device(args.device)
     cfg = DemoConfig(out=args.out, minutes=minutes, smoke=args.smoke, seed=seed, device=str(device),
                      quiet=args.quiet)
