@@ -1,28 +1,25 @@
 """Tests of relaydiff.pipeline and the ``relaydiff sample`` / ``relaydiff upscale`` commands.
 
-The denoisers are small analytic modules (the posterior mean of per-channel Gaussian data),
-so a whole two-stage run takes milliseconds. Checkpoints are written in the format of
-docs/CONTRACTS.md; until ``relaydiff.models`` exists on this branch, ``load_model`` is
-provided by a loader that reads exactly that format (the ``contract_loader`` fixture).
+The pipeline's logic is tested with small analytic denoisers (the posterior mean of
+per-channel Gaussian data), so a whole two-stage run takes milliseconds. Loading and the
+CLI run on real ``tiny`` U-Net checkpoints written by the trainer (``relaydiff.training``)
+and by the models' checkpoint writer.
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from relaydiff import RelayConfig
 from relaydiff.cli import main
+from relaydiff.models import EDMPrecond, build_model, load_model, network_kwargs, save_weights
 from relaydiff.pipeline import PipelineError, RelayPipeline
 from relaydiff.sampling import EDMSampling, RelaySampling, SamplerPreset, karras_sigmas, truncate_sigmas
+from relaydiff.training import TrainConfig, train
 
 FAST = SamplerPreset(EDMSampling(steps=6), RelaySampling(steps=12))
 
@@ -142,49 +139,51 @@ def test_pipeline_errors():
 
 # ---------------------------------------------------------------- checkpoints
 
-def _write_checkpoint(path, stage, resolution, label_dim=0, relay=None):
-    model = GaussianDenoiser(resolution, label_dim=label_dim)
+def _write_photos(folder, size=32, n=8):
+    folder.mkdir()
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        img = np.stack([np.sin(3 * xx + i), np.cos(2 * yy - i), xx * yy], -1) * 0.45 + 0.5
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Real ``tiny`` U-Nets: a base (8px) and a relay (8 -> 32px) run directory written by
+    ``relaydiff.training.train`` (one optimizer step each), and a relay checkpoint file for
+    16px outputs written with the models' own checkpoint writer."""
+    root = tmp_path_factory.mktemp("ckpt")
+    data = _write_photos(root / "photos")
+    common = dict(data=str(data), preset="tiny", batch=4, steps=1, quiet=True, workers=0, sample_every=-1,
+                  seed=0, device="cpu")
+    base = train(TrainConfig(stage="base", out=str(root / "base"), resolution=8, **common))
+    relay = train(TrainConfig(stage="relay", out=str(root / "relay"), resolution=32,
+                              relay=RelayConfig(blur_sigma_max=2.0), **common))
+    net = network_kwargs("tiny", 16, label_dim=0)
+    model = build_model(net)
     tensors = {f"{w}.{k}": v.clone() for w in ("model", "ema") for k, v in model.state_dict().items()}
-    meta = {"format": 1, "stage": stage, "network": {"img_resolution": resolution, "img_channels": 3,
-                                                     "label_dim": label_dim},
-            "precond": {}, "relay": relay, "step": 10, "kimg": 0.01, "resolution": resolution,
-            "label_dim": label_dim}
-    save_file(tensors, str(path), metadata={"relaydiff": json.dumps(meta)})
-    return str(path)
+    relay16 = save_weights(root / "relay16.safetensors", tensors, {
+        "stage": "relay", "network": net, "precond": model.config(), "relay": RelayConfig().to_dict(),
+        "step": 0, "kimg": 0.0, "resolution": 16, "label_dim": 0})
+    return dict(base=str(base), relay=str(relay), relay16=str(relay16))
 
 
-def _contract_load_model(path, which="ema", device="cpu"):
-    """``load_model`` of docs/CONTRACTS.md for single checkpoint files of the analytic model."""
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["relaydiff"])
-        state = {k[len(which) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(which + ".")}
-    net = meta["network"]
-    model = GaussianDenoiser(net["img_resolution"], net["img_channels"], net["label_dim"])
-    model.load_state_dict(state)
-    return model.to(device), meta
-
-
-@pytest.fixture
-def contract_loader(monkeypatch):
-    mod = types.ModuleType("relaydiff.models")
-    mod.load_model = _contract_load_model
-    monkeypatch.setitem(sys.modules, "relaydiff.models", mod)
-
-
-@pytest.fixture
-def checkpoints(tmp_path):
-    relay = RelayConfig(blur_sigma_max=2.0).to_dict()
-    return dict(base=_write_checkpoint(tmp_path / "base.safetensors", "base", 8),
-                relay=_write_checkpoint(tmp_path / "relay.safetensors", "relay", 32, relay=relay),
-                relay16=_write_checkpoint(tmp_path / "relay16.safetensors", "relay", 16, relay=relay))
-
-
-def test_from_checkpoints(contract_loader, checkpoints):
+def test_from_checkpoints(checkpoints):
     pipe = RelayPipeline.from_checkpoints(checkpoints["base"], checkpoints["relay"], sampler=FAST)
+    assert isinstance(pipe.stage1, EDMPrecond) and isinstance(pipe.stage2, EDMPrecond)
+    assert not pipe.stage1.training and not pipe.stage2.training
     assert pipe.low_shape == (3, 8, 8) and pipe.config.blur_sigma_max == 2.0
-    assert pipe.sample(2, seed=0, disable=True).shape == (2, 3, 32, 32)
+    # the EMA weights of the newest checkpoint, exactly as load_model reads them
+    ema, _ = load_model(checkpoints["relay"])
+    for (k, a), b in zip(pipe.stage2.state_dict().items(), ema.state_dict().values()):
+        assert torch.equal(a, b), k
+    high, low = pipe.sample(2, seed=0, return_low=True, disable=True)
+    assert high.shape == (2, 3, 32, 32) and low.shape == (2, 3, 8, 8)
+    assert torch.isfinite(high).all() and high.abs().max() <= 1
     up = RelayPipeline.from_checkpoints(None, checkpoints["relay"], sampler=FAST)
     assert up.input_shape == (3, 8, 8)
+    assert up.super_resolve(low, seed=1, disable=True).shape == (2, 3, 32, 32)
     with pytest.raises(PipelineError, match="'relay'-stage checkpoint, not a stage-1"):
         RelayPipeline.from_checkpoints(checkpoints["relay"], checkpoints["relay"])
     with pytest.raises(PipelineError, match="'base'-stage checkpoint, not a relay"):
@@ -206,7 +205,7 @@ def _one_line_error(rc, cap, needle):
     assert len(lines) == 1 and needle in lines[0], cap.err
 
 
-def test_cli_sample(contract_loader, checkpoints, tmp_path, capsys):
+def test_cli_sample(checkpoints, tmp_path, capsys):
     out = tmp_path / "out"
     rc, cap = _run_cli(capsys, "sample", "--stage1", checkpoints["base"], "--stage2", checkpoints["relay"],
                        "--out", str(out), "--n", "3", "--steps", "4,12", "--seed", "7", "--grid",
@@ -227,7 +226,7 @@ def test_cli_sample(contract_loader, checkpoints, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("n", ["0", "-2", "abc", "1.5"])
-def test_cli_sample_bad_n(contract_loader, checkpoints, tmp_path, capsys, n):
+def test_cli_sample_bad_n(checkpoints, tmp_path, capsys, n):
     out = tmp_path / "out"
     rc, cap = _run_cli(capsys, "sample", "--stage1", checkpoints["base"], "--stage2", checkpoints["relay"],
                        "--out", str(out), "--n", n)
@@ -235,7 +234,7 @@ def test_cli_sample_bad_n(contract_loader, checkpoints, tmp_path, capsys, n):
     assert not out.exists()
 
 
-def test_cli_sample_checkpoint_errors(contract_loader, checkpoints, tmp_path, capsys):
+def test_cli_sample_checkpoint_errors(checkpoints, tmp_path, capsys):
     out = tmp_path / "out"
     rc, cap = _run_cli(capsys, "sample", "--stage1", str(tmp_path / "nope"), "--stage2", checkpoints["relay"],
                        "--out", str(out))
@@ -259,7 +258,7 @@ def _write_inputs(folder, size, names=("a", "b", "c")):
         Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{name}.png")
 
 
-def test_cli_upscale(contract_loader, checkpoints, tmp_path, capsys):
+def test_cli_upscale(checkpoints, tmp_path, capsys):
     src, out = tmp_path / "in", tmp_path / "out"
     _write_inputs(src, 8)
     rc, cap = _run_cli(capsys, "upscale", "--stage2", checkpoints["relay"], "--in", str(src), "--out", str(out),

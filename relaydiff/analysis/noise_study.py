@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from relaydiff.ops import block_noise, mixed_noise
+from relaydiff.sampling.relay import nearest_upsample
 
 from .spectrum import MAX_FREQ, bin_mean, dct2, radial_bins
 
@@ -34,10 +35,6 @@ NOISE_LABELS = {
     "white": "white noise at {high} px",
     "block": "block noise (s={s}) at {high} px",
 }
-
-
-def nearest_upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
-    return x.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
 def low_resolution(images: torch.Tensor, factor: int) -> torch.Tensor:

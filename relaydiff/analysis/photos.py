@@ -3,19 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
 
-
-def center_square(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` -> its centre ``min(H, W)`` square resized to ``size x size``
-    (Lanczos: the resize itself should add no aliasing to the spectrum)."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 [H, W, 3]; got {image.dtype} {list(image.shape)}")
-    h, w = image.shape[:2]
-    m = min(h, w)
-    top, left = (h - m) // 2, (w - m) // 2
-    crop = Image.fromarray(np.ascontiguousarray(image[top:top + m, left:left + m]))
-    return np.asarray(crop.resize((size, size), Image.LANCZOS))
+from relaydiff.images import center_square
 
 
 def photo_batch(images, size: int) -> torch.Tensor:

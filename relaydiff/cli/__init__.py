@@ -20,6 +20,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("analyze", "PSD/SNR frequency analysis of images under white and block noise"),
     ("sample", "generate images with a stage-1 and a relay model"),
     ("upscale", "super-resolve a folder of images with a relay model"),
+    ("demo", "train and sample a tiny relay cascade on bundled photos (~10 min, CPU)"),
 ]
 
 

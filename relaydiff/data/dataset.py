@@ -18,18 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from relaydiff.images import center_square
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CACHE_AUTO_BYTES = 256 << 20
-
-
-def uint8_to_float(u8: torch.Tensor) -> torch.Tensor:
-    """``x = u8 / 127.5 - 1`` (docs/CONTRACTS.md, Images): uint8 -> float32 in [-1, 1]."""
-    return u8.to(torch.float32) / 127.5 - 1.0
-
-
-def float_to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """``u8 = clamp(round((x + 1) * 127.5), 0, 255)``."""
-    return ((x.detach().to(torch.float32) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 class _Source:
@@ -62,17 +54,6 @@ class _Source:
 
     def __getstate__(self):
         return {**self.__dict__, "_zip": None}
-
-
-def _crop_resize(img: Image.Image, resolution: int) -> np.ndarray:
-    img = img.convert("RGB")
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    img = img.crop((left, top, left + s, top + s))
-    if s != resolution:
-        img = img.resize((resolution, resolution), Image.LANCZOS)
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -134,7 +115,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _decode(self, i: int) -> np.ndarray:
         with self.source.open(self.source.names[i]) as img:
-            return _crop_resize(img, self.resolution)
+            return center_square(np.asarray(img.convert("RGB")), self.resolution).transpose(2, 0, 1)
 
     @property
     def cached(self) -> bool:

@@ -14,12 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] ``[B, C, H, W]`` -> uint8 ``clamp(round((x + 1) * 127.5), 0, 255)`` (CONTRACTS)."""
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+from relaydiff.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
+from relaydiff.images import float_to_uint8 as to_uint8  # [B, C, H, W] in [-1, 1] -> uint8, layout kept
 
 
 def decode_rgb(data: bytes) -> np.ndarray:

@@ -10,9 +10,9 @@ from .edm import sample_edm
 from .grids import karras_sigmas, truncate_sigmas
 from .guidance import ClassifierFreeGuidance, cfg
 from .presets import PRESETS, EDMSampling, RelaySampling, SamplerPreset, get_preset
-from .relay import relay_init, sample_relay
+from .relay import nearest_upsample, relay_init, sample_relay
 from .seeds import derive_seed
 
 __all__ = ["karras_sigmas", "truncate_sigmas", "sample_edm", "relay_init", "sample_relay", "cfg",
            "ClassifierFreeGuidance", "PRESETS", "EDMSampling", "RelaySampling", "SamplerPreset",
-           "get_preset", "derive_seed"]
+           "get_preset", "derive_seed", "nearest_upsample"]

@@ -14,8 +14,8 @@ from .seeds import derive_seed
 
 
 def nearest_upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """``[B, C, h, w] -> [B, C, h*factor, w*factor]``, every pixel repeated in a block."""
-    return x.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+    """``[..., h, w] -> [..., h*factor, w*factor]``, every pixel repeated in a block."""
+    return x.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
 def relay_init(x_low: torch.Tensor, sigma0, config: RelayConfig, seed: int | None = None) -> torch.Tensor:
