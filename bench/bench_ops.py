@@ -6,6 +6,11 @@ For each op and shape: the C++ kernel, the reference twin (pure PyTorch, its own
 torch.compile of the twin, and the best plain-PyTorch composition (bench/composition.py,
 torch.randn noise). `randn_like x2` is the floor any version pays to draw its two noise
 fields with torch's generator.
+
+torch.compile of the twins that draw noise is left out: inductor had not finished
+compiling the pure-PyTorch Philox (10 unrolled rounds of int64 arithmetic) of
+`mixed_noise` after 10 minutes on this 2-core machine (torch 2.13.0). The compiled
+twin is measured for the noise-free `patch_dct`.
 """
 from __future__ import annotations
 
@@ -45,7 +50,12 @@ def _compiled_twin(name, fn):
 IMPLS = ["kernel", "twin", "compiled_twin", "composition"]
 
 
+NOISE_FREE = {"patch_dct"}
+
+
 def _run(benchmark, op, impl, shape):
+    if impl == "compiled_twin" and op not in NOISE_FREE:
+        pytest.skip("inductor does not finish compiling the twin's Philox (see module docstring)")
     x, den, sig, tau = _inputs(shape)
     benchmark.group = f"{op} {shape}"
     benchmark.extra_info["impl"] = impl

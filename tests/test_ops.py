@@ -235,17 +235,21 @@ def test_noise_is_a_function_of_seed_and_shape(device):
     assert torch.equal(a, O.mixed_noise(like.to(memory_format=torch.channels_last), seed=1))
 
 
-def test_noise_independent_of_thread_count():
-    like = torch.empty(1, 3, 256, 64)
+@pytest.mark.parametrize("block_size", [4, 3])
+def test_noise_independent_of_thread_count(block_size):
+    """Few planes are cut into row chunks, one per thread; block_size 3 with p = 4 makes the
+    chunks start at rows that are not multiples of the block size."""
+    x = rand((1, 3, 256, 64))
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        a = O.relay_corrupt(rand(like.shape), 0.7, 0.5, seed=4)
+        a = O.relay_corrupt(x, 0.7, 0.5, block_size=block_size, seed=4)
+        b = O.block_noise(x, block_size=block_size, seed=4)
         torch.set_num_threads(max(2, old))
-        b = O.relay_corrupt(rand(like.shape), 0.7, 0.5, seed=4)
+        assert torch.equal(a, O.relay_corrupt(x, 0.7, 0.5, block_size=block_size, seed=4))
+        assert torch.equal(b, O.block_noise(x, block_size=block_size, seed=4))
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------ relay_corrupt

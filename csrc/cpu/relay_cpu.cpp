@@ -32,6 +32,7 @@
 #include "multiversion.h"
 #include "patch_rows.h"
 #include "philox_cpu.h"
+#include "vec.h"
 
 namespace relaydiff {
 namespace {
@@ -105,60 +106,61 @@ class NormalGen {
   std::vector<T> buf_;
 };
 
-// Mixed / block noise rows of one plane, generated top-down.
+// Mixed / block noise of one plane, generated top-down a few rows at a time: the rows of
+// a call are consecutive in the plane, so each stream is one counter range (one fill).
 template <typename T>
 class NoiseRows {
  public:
-  NoiseRows(int64_t H, int64_t W, int block_size)
-      : H_(H), W_(W), s_(block_size), ring_(block_size * W), gext_(W + block_size - 1), white_(W) {}
+  NoiseRows(int64_t H, int64_t W, int block_size, int max_rows)
+      : H_(H), W_(W), s_(block_size), ring_(block_size * W), g_(max_rows * W) {}
 
-  // White-noise weight `white_w` and block weight `block_w`: row = white_w e + block_w Block_s(e2).
+  // rows = white_w e + block_w Block_s(e2), starting at row y0.
   void begin(PhiloxKey key, int64_t plane, int64_t y0, T white_w, T block_w) {
     key_ = key;
     base_ = plane * H_ * W_;
     white_w_ = white_w;
     block_w_ = block_w;
-    slot_ = 0;
     if (block_w_ != T(0)) {
-      for (int64_t a = s_ - 1; a >= 1; --a) push_hbox(y0 - a);
+      for (int64_t r = y0 - s_ + 1; r < y0; ++r) {  // the rows above, wrapping around
+        const int64_t rr = ((r % H_) + H_) % H_;
+        gen_.fill(key_, kStreamBlock, base_ + rr * W_, W_, g_.data());
+        hbox(g_.data(), slot(r));
+      }
     }
   }
 
-  // Rows must be asked for in order y0, y0 + 1, ...
-  void row(int64_t y, T* __restrict out) {
+  // Rows [y, y + n) into out[n][W]; calls must follow each other down the plane, n <= max_rows.
+  void rows(int64_t y, int n, T* __restrict out) {
+    const int64_t count = n * W_;
     if (white_w_ != T(0)) {
-      gen_.fill(key_, kStreamWhite, base_ + y * W_, W_, white_.data());
-      const T w = white_w_;
-      const T* e = white_.data();
-      for (int64_t x = 0; x < W_; ++x) out[x] = w * e[x];
+      gen_.fill(key_, kStreamWhite, base_ + y * W_, count, out);
+      vec_scale(out, white_w_, count);
     } else {
-      std::fill(out, out + W_, T(0));
+      std::fill(out, out + count, T(0));
     }
     if (block_w_ == T(0)) return;
-    push_hbox(y);
-    // Block_s(e2)[y] = (1/s) sum of the s box-summed rows y-s+1 .. y (all of the ring)
+    gen_.fill(key_, kStreamBlock, base_ + y * W_, count, g_.data());
+    // Block_s(e2)[r] = (1/s) sum_{a < s} hbox(r - a), summed in row order (a = s-1 .. 0)
+    // so that the bits do not depend on where a thread's chunk started
     const T w = block_w_ / static_cast<T>(s_);
-    for (int a = 0; a < s_; ++a) {
-      const T* h = ring_.data() + a * W_;
-      for (int64_t x = 0; x < W_; ++x) out[x] += w * h[x];
+    for (int i = 0; i < n; ++i) {
+      const int64_t r = y + i;
+      hbox(g_.data() + i * W_, slot(r));
+      for (int a = s_ - 1; a >= 0; --a) vec_axpy(out + i * W_, ring_.data() + slot(r - a) * W_, w, W_);
     }
   }
 
  private:
-  // ring slot <- horizontal circular box sum of e2 row (y mod H): sum_b e2[y, (x - b) mod W]
-  void push_hbox(int64_t y) {
-    const int64_t yy = ((y % H_) + H_) % H_;
-    T* g = gext_.data();
-    // gext = [row[W-s+1 .. W-1], row[0 .. W-1]]
-    gen_.fill(key_, kStreamBlock, base_ + yy * W_, W_, g + (s_ - 1));
-    for (int b = 1; b < s_; ++b) g[s_ - 1 - b] = g[s_ - 1 + W_ - b];
-    T* h = ring_.data() + slot_ * W_;
-    std::copy(g + s_ - 1, g + s_ - 1 + W_, h);
+  int64_t slot(int64_t r) const { return ((r % s_) + s_) % s_; }
+
+  // ring[k] <- the horizontal circular box sum of row g: h[x] = sum_{b < s} g[(x - b) mod W]
+  void hbox(const T* __restrict g, int64_t k) {
+    T* __restrict h = ring_.data() + k * W_;
+    std::copy(g, g + W_, h);
     for (int b = 1; b < s_; ++b) {
-      const T* src = g + s_ - 1 - b;
-      for (int64_t x = 0; x < W_; ++x) h[x] += src[x];
+      for (int64_t x = 0; x < b; ++x) h[x] += g[x - b + W_];
+      vec_add(h + b, g, W_ - b);
     }
-    slot_ = (slot_ + 1) % s_;
   }
 
   int64_t H_, W_;
@@ -166,8 +168,7 @@ class NoiseRows {
   PhiloxKey key_{0, 0};
   int64_t base_ = 0;
   T white_w_ = 0, block_w_ = 0;
-  int slot_ = 0;
-  std::vector<T> ring_, gext_, white_;
+  std::vector<T> ring_, g_;
   NormalGen<T> gen_;
 };
 
@@ -210,14 +211,8 @@ void transform_band(const TransformMatrix<P, T>& M, const T* __restrict in, T* _
   // down the columns: out[i][x] = sum_r M[i][r] tmp[r][x]
   for (int i = 0; i < P; ++i) {
     T* dst = out + i * W;
-    const T m0 = M.m[i][0];
-    const T* t0 = tmp;
-    for (int64_t x = 0; x < W; ++x) dst[x] = m0 * t0[x];
-    for (int r = 1; r < P; ++r) {
-      const T mr = M.m[i][r];
-      const T* tr = tmp + r * W;
-      for (int64_t x = 0; x < W; ++x) dst[x] += mr * tr[x];
-    }
+    vec_set_scaled(dst, tmp, M.m[i][0], W);
+    for (int r = 1; r < P; ++r) vec_axpy(dst, tmp + r * W, M.m[i][r], W);
   }
 }
 
@@ -325,8 +320,8 @@ struct BandScratch {
   int64_t W;
   std::vector<T> x, y, u, tmp, fa, fb, noise;
   BandScratch(int64_t W_, int64_t H, int block_size)
-      : W(W_), x(P * W_), y(P * W_), u(P * W_), tmp(P * W_), fa(P * W_), fb(P * W_), noise(W_),
-        rows(H, W_, block_size) {}
+      : W(W_), x(P * W_), y(P * W_), u(P * W_), tmp(P * W_), fa(P * W_), fb(P * W_),
+        noise(P * W_), rows(H, W_, block_size, P) {}
   NoiseRows<T> rows;
 };
 
@@ -360,30 +355,23 @@ struct BandPipeline {
       case BandOp::kScale2: {
         T* u = s.u.data();
         transform_band<P, T>(*fwd, s.x.data(), s.tmp.data(), u, W);
-        const T* fa = s.fa.data();
-        for (int64_t i = 0; i < P * W; ++i) u[i] *= fa[i];
+        vec_mul(u, s.fa.data(), P * W);
         if (op == BandOp::kScale2) {
           load_y(s, b, c, y0);
           // reuse x as the destination of DCT(y): x is no longer needed
           transform_band<P, T>(*fwd, s.y.data(), s.tmp.data(), s.x.data(), W);
-          const T* fb = s.fb.data();
-          const T* v = s.x.data();
-          for (int64_t i = 0; i < P * W; ++i) u[i] += fb[i] * v[i];
+          vec_fma(u, s.fb.data(), s.x.data(), P * W);
         }
         transform_band<P, T>(*inv, u, s.tmp.data(), s.x.data(), W);
         result = s.x.data();
         break;
       }
     }
-    for (int r = 0; r < P; ++r) {
-      T* row = result + r * W;
-      if (with_noise) {
-        s.rows.row(y0 + r, s.noise.data());
-        const T* n = s.noise.data();
-        for (int64_t x = 0; x < W; ++x) row[x] += n[x];
-      }
-      store_row(row, W, out + ((b * C + c) * H + y0 + r) * W);
+    if (with_noise) {
+      s.rows.rows(y0, P, s.noise.data());
+      vec_add(result, s.noise.data(), P * W);
     }
+    for (int r = 0; r < P; ++r) store_row(result + r * W, W, out + ((b * C + c) * H + y0 + r) * W);
   }
 };
 
@@ -616,17 +604,21 @@ at::Tensor run_noise(const at::Tensor& like, double white_w, double block_w, int
   if (out.numel() == 0) return out;
   S* o = out.data_ptr<S>();
   const PhiloxKey key = philox_key(seed);
+  // rows per call: enough normals per fill to amortise the calls on narrow images
+  const int band = static_cast<int>(std::min<int64_t>(H, std::max<int64_t>(4, 2048 / std::max<int64_t>(W, 1))));
   struct Worker {
     NoiseRows<T> rows;
     std::vector<T> buf;
   };
   for_each_chunk(
-      B, C, H, 32, [&] { return Worker{NoiseRows<T>(H, W, block_size), std::vector<T>(W)}; },
+      B, C, H, 32,
+      [&] { return Worker{NoiseRows<T>(H, W, block_size, band), std::vector<T>(band * W)}; },
       [&](Worker& w, int64_t b, int64_t c, int64_t y0, int64_t y1) {
         w.rows.begin(key, b * C + c, y0, static_cast<T>(white_w), static_cast<T>(block_w));
-        for (int64_t y = y0; y < y1; ++y) {
-          w.rows.row(y, w.buf.data());
-          store_row(w.buf.data(), W, o + ((b * C + c) * H + y) * W);
+        for (int64_t y = y0; y < y1; y += band) {
+          const int n = static_cast<int>(std::min<int64_t>(band, y1 - y));
+          w.rows.rows(y, n, w.buf.data());
+          store_row(w.buf.data(), n * W, o + ((b * C + c) * H + y) * W);
         }
       });
   return out;
