@@ -1,7 +1,7 @@
 """One-off GPU check (not collected by pytest): step time and peak memory of the published
 presets, bf16 autocast, with and without gradient checkpointing.
 
-    python bench/gpu_check.py
+    python bench/gpu_train_step.py
 """
 import sys
 import time
