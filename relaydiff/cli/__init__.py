@@ -14,13 +14,13 @@ from .common import CLIError
 
 # (module, one-line help) in the order `relaydiff --help` lists them
 SUBCOMMANDS: list[tuple[str, str]] = [
+    ("demo", "train and sample a tiny relay cascade on bundled photos (~10 min, CPU)"),
     ("train", "train a base (stage 1) or relay (stage 2) model from a folder of images"),
-    ("convert", "convert a released EDM .pkl / RDM .pt checkpoint to .safetensors"),
-    ("eval", "FID/sFID/IS/precision-recall/SWD/PSNR/SSIM of generated images"),
-    ("analyze", "PSD/SNR frequency analysis of images under white and block noise"),
     ("sample", "generate images with a stage-1 and a relay model"),
     ("upscale", "super-resolve a folder of images with a relay model"),
-    ("demo", "train and sample a tiny relay cascade on bundled photos (~10 min, CPU)"),
+    ("eval", "FID/sFID/IS/precision-recall/SWD/PSNR/SSIM of generated images"),
+    ("analyze", "PSD/SNR frequency analysis of images under white and block noise"),
+    ("convert", "convert a released EDM .pkl / RDM .pt checkpoint to .safetensors"),
 ]
 
 
