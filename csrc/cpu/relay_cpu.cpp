@@ -357,7 +357,7 @@ struct BandPipeline {
         transform_band<P, T>(*fwd, s.x.data(), s.tmp.data(), u, W);
         vec_mul(u, s.fa.data(), P * W);
         if (op == BandOp::kScale2) {
-          load_y(s, b, c, y0);
+          load_y(s, b, c, y0);  // reads s.x (still x): before the next transform writes it
           // reuse x as the destination of DCT(y): x is no longer needed
           transform_band<P, T>(*fwd, s.y.data(), s.tmp.data(), s.x.data(), W);
           vec_fma(u, s.fb.data(), s.x.data(), P * W);
@@ -444,8 +444,9 @@ struct NoSecondInput {
 // Loads y = sigma * d of a relay step into s.y: Euler x - D; Heun
 // (x - D)/2 + (sigma / sigma_next)(x' - D')/2.
 template <typename S>
+// x itself is not read again: s.x still holds the band's x rows when this runs.
 struct StepInput {
-  ImageView<S> x, den, xp, dp;
+  ImageView<S> den, xp, dp;
   bool heun;
   int64_t W;
   const std::vector<double>* sig;
@@ -456,9 +457,9 @@ struct StepInput {
     T* tmp = s.tmp.data();  // free until the next transform
     for (int r = 0; r < P; ++r) {
       T* yr = s.y.data() + r * W;
-      load_row(x.row(b, c, y0 + r), x.sw, W, yr);
+      const T* xr = s.x.data() + r * W;
       load_row(den.row(b, c, y0 + r), den.sw, W, tmp);
-      for (int64_t i = 0; i < W; ++i) yr[i] -= tmp[i];
+      for (int64_t i = 0; i < W; ++i) yr[i] = xr[i] - tmp[i];
       if (heun) {
         const T h = static_cast<T>(0.5 * (*sig)[b] / (*sig_n)[b]);
         T* t2 = tmp + W;
@@ -583,7 +584,7 @@ at::Tensor relay_step_cpu(const at::Tensor& x, const at::Tensor& denoised,
 
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relay_step", [&] {
-    const StepInput<scalar_t> load_y{ImageView<scalar_t>(x), ImageView<scalar_t>(denoised),
+    const StepInput<scalar_t> load_y{ImageView<scalar_t>(denoised),
                                      ImageView<scalar_t>(heun ? *x_prop : x),
                                      ImageView<scalar_t>(heun ? *denoised_prop : x),
                                      heun, x.size(3), &sig, &sig_n};
