@@ -156,24 +156,91 @@ def test_half_precision_rule(dtype):
 
 def test_bad_input_device_mix():
     xc, xg = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8, device="cuda")
-    sig_c, sig_g = torch.ones(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64, device="cuda")
+    sig_g = torch.ones(1, dtype=torch.float64, device="cuda")
     # public API: a clear ValueError naming the argument
     with pytest.raises(ValueError, match="denoised"):
         O.relay_step(xg, xc, 1.0, 0.5, 0.1, 0.1)
     with pytest.raises(ValueError, match="sigma"):
         O.relay_corrupt(xc, sig_g, 0.1)
-    # the ops themselves, called directly
-    with pytest.raises(RuntimeError, match="sigma is on cpu"):
-        OPS.relay_corrupt(xg, sig_c, sig_g, 4, 0.15, 4, 1e-3, True, 1)
-    with pytest.raises(RuntimeError, match="x is on cpu"):
-        OPS.patch_blur(xc, sig_g, 4, 1e-3)
-    with pytest.raises(RuntimeError, match="denoised is on cpu"):
-        OPS.relay_step(xg, xc, None, None, sig_g, sig_g, sig_g, sig_g, 0.2, 4, 0.15, 4, 1e-3,
-                       True, 1)
-    with pytest.raises(RuntimeError, match="x_prop"):
-        OPS.relay_step(xg, xg, xc, xg, sig_g, sig_g, sig_g, sig_g, 0.2, 4, 0.15, 4, 1e-3, True, 1)
-    with pytest.raises(RuntimeError, match="multiples of patch_size"):
-        OPS.patch_dct(torch.randn(1, 1, 6, 8, device="cuda"), 4)
+
+
+# Direct op calls that the CUDA glue must reject, as (name, expected message, call). They run
+# in a child process: one of them (patch_dct, H not a multiple of p) crashed the interpreter
+# with SIGSEGV on an H100 once (bench/results/h100_2026-11-26.md), and a crash must fail this
+# test with a diagnosis instead of killing the whole run.
+_DIRECT_BAD_CALLS = r"""
+import sys, torch
+import relaydiff.ops
+OPS = torch.ops.relaydiff
+xc, xg = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8, device="cuda")
+sig_c = torch.ones(1, dtype=torch.float64)
+sig_g = torch.ones(1, dtype=torch.float64, device="cuda")
+odd = torch.randn(1, 1, 6, 8, device="cuda")
+one = torch.ones(1, dtype=torch.float64, device="cuda")
+CALLS = {
+    "corrupt_sigma_cpu": ("sigma is on cpu",
+        lambda: OPS.relay_corrupt(xg, sig_c, sig_g, 4, 0.15, 4, 1e-3, True, 1)),
+    "blur_x_cpu": ("x is on cpu", lambda: OPS.patch_blur(xc, sig_g, 4, 1e-3)),
+    "step_denoised_cpu": ("denoised is on cpu",
+        lambda: OPS.relay_step(xg, xc, None, None, sig_g, sig_g, sig_g, sig_g, 0.2, 4, 0.15, 4,
+                               1e-3, True, 1)),
+    "step_x_prop_cpu": ("x_prop",
+        lambda: OPS.relay_step(xg, xg, xc, xg, sig_g, sig_g, sig_g, sig_g, 0.2, 4, 0.15, 4, 1e-3,
+                               True, 1)),
+    "dct_bad_patch": ("patch_size must be", lambda: OPS.patch_dct(xg, 3)),
+    "dct_odd_shape": ("multiples of patch_size", lambda: OPS.patch_dct(odd, 4)),
+    "idct_odd_shape": ("multiples of patch_size", lambda: OPS.patch_idct(odd, 4)),
+    "blur_odd_shape": ("multiples of patch_size", lambda: OPS.patch_blur(odd, one, 4, 1e-3)),
+    "corrupt_odd_shape": ("multiples of patch_size",
+        lambda: OPS.relay_corrupt(odd, one, one, 4, 0.15, 4, 1e-3, True, 1)),
+    "noise_big_block": ("block_size", lambda: OPS.mixed_noise(odd, 0.1, 17, True, 1)),
+}
+for name in (sys.argv[1:] or CALLS):
+    want, call = CALLS[name]
+    print("start", name, flush=True)
+    try:
+        call()
+        print("no-error", name, flush=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        print("ok" if want in str(e) else "wrong-message", name, "|", first, flush=True)
+torch.cuda.synchronize()
+print("done", flush=True)
+"""
+
+
+def _run_direct_calls(*names, gdb=False):
+    import shutil
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-X", "faulthandler", "-c", _DIRECT_BAD_CALLS, *names]
+    debugger = shutil.which("gdb") or shutil.which("cuda-gdb")   # the GPU machines have cuda-gdb
+    if gdb and debugger:
+        cmd = [debugger, "-batch", "-ex", "run", "-ex", "bt 40", "--args"] + cmd
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_bad_input_direct_op_calls():
+    """Each direct call raises a RuntimeError naming the problem, and nothing crashes."""
+    r = _run_direct_calls()
+    lines = r.stdout.splitlines()
+    if r.returncode != 0 or "done" not in lines:
+        started = [ln.split()[1] for ln in lines if ln.startswith("start ")]
+        culprit = started[-1] if started else None
+        report = [f"child exited with {r.returncode} during {culprit}", r.stdout[-2000:],
+                  r.stderr[-3000:]]
+        if culprit is not None:     # alone, and under gdb when there is one, for a backtrace
+            alone = _run_direct_calls(culprit)
+            report.append(f"{culprit} alone: exit {alone.returncode}: {alone.stdout[-500:]}")
+            if alone.returncode != 0:
+                g = _run_direct_calls(culprit, gdb=True)
+                report.append("gdb:\n" + "\n".join(g.stdout.splitlines()[-60:]))
+        pytest.fail("\n".join(report))
+    bad = [ln for ln in lines if ln.startswith(("no-error", "wrong-message"))]
+    assert not bad, bad
+    assert sum(ln.startswith("ok ") for ln in lines) == 10, lines
 
 
 def test_large_shape():
