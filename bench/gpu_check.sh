@@ -90,7 +90,7 @@ fi
 
 # ---------------------------------------------------------------- 3. benchmark
 t0=$SECONDS
-bench_s=$(share 170 25)
+bench_s=$(share 150 55)
 timeout "$bench_s" "$PY" bench/gpu_bench.py --out "$OUT/bench.json" --budget $((bench_s * 5 / 10)) \
   --compile-budget $((bench_s * 3 / 10)) >"$OUT/bench.txt" 2>&1
 BENCH_RC=$?
@@ -101,8 +101,8 @@ BENCH_S=$((SECONDS - t0))
 # throughput, occupancy, warp stall reasons and pipe use, for the next optimisation.
 NCU="skipped (no time left)"
 command -v ncu >/dev/null || NCU="skipped (ncu not found)"
-if ((BUILD_RC == 0)) && command -v ncu >/dev/null && (($(left) >= 75)); then
-  timeout "$(share 45 30)" ncu --clock-control none -k regex:tile_kernel \
+if ((BUILD_RC == 0)) && command -v ncu >/dev/null && (($(left) >= 40)); then
+  timeout "$(share 45 10)" ncu --clock-control none -k regex:tile_kernel \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     "$PY" bench/ncu_ops.py >"$OUT/ncu.txt" 2>&1
