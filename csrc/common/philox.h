@@ -94,6 +94,31 @@ RD_HD float fma_f32(float a, float b, float c) {
 #endif
 }
 
+// a / b for b in [1, 4) and sqrt(x) for normal positive x. On the GPU these are the
+// approximate instructions that -prec-div=false / -prec-sqrt=false select anyway
+// (div.full.f32, sqrt.approx.f32: <= 2 ulp) minus their handling of extreme and subnormal
+// operands, which cannot occur here: the same values in fewer instructions. The CPU rounds
+// correctly.
+RD_HD float div_f32(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("div.approx.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return a / b;
+#endif
+}
+
+RD_HD float sqrt_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#else
+  return std::sqrt(x);
+#endif
+}
+
 // Small integer n in [0, 2^23) as a float, exactly, without a conversion instruction:
 // 2^23 + n has n as its mantissa.
 RD_HD float small_uint_float(uint32_t n) { return bits_float(0x4B000000u | n) - 8388608.0f; }
@@ -106,7 +131,7 @@ RD_HD float log_f32(float u) {
   const uint32_t mb = (bits & 0x007fffffu) | 0x3f800000u;      // m in [1, 2)
   const uint32_t big = static_cast<uint32_t>(mb > 0x3FB504F3u);  // m > 1.41421356f
   const float m = bits_float(mb - (big << 23));                   // m / 2 when big, exactly
-  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s = div_f32(m - 1.0f, m + 1.0f);
   const float s2 = s * s;
   float poly = 0.0909090909f;                        // 1/11
   poly = fma_f32(poly, s2, 0.1111111111f);           // 1/9
@@ -154,7 +179,7 @@ RD_HD void sincos_2pi_f32(uint32_t r, float& s_out, float& c_out) {
 // radius = sqrt(-2 ln u), u = unit_open(r_even) = (1 + k 2^-23) - (1 - 2^-24) exactly, k = r >> 9.
 RD_HD void box_muller_f32(uint32_t r_even, uint32_t r_odd, float& n_cos, float& n_sin) {
   const float u = bits_float(0x3F800000u | (r_even >> 9)) - 0.99999994f;
-  const float radius = sqrtf(-2.0f * log_f32(u));
+  const float radius = sqrt_f32(-2.0f * log_f32(u));  // -2 ln u >= 1.19e-7
   float s, c;
   sincos_2pi_f32(r_odd, s, c);
   n_cos = radius * c;
