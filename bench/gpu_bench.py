@@ -86,6 +86,7 @@ EXTRA = {
         xs[0], xs[1], xs[2], xs[3], v[0], v[2], v[1], v[3], 0.2, 4, 0.15, 4, 1e-3, True, 7)),
     "patch_blur": (1, lambda xs, v: torch.ops.relaydiff.patch_blur(xs[0], v[1], 4, 1e-3)),
     "mixed_noise": (0, lambda xs, v: torch.ops.relaydiff.mixed_noise(v[4], 0.15, 4, True, 7)),
+    "mixed_noise alpha=0": (0, lambda xs, v: torch.ops.relaydiff.mixed_noise(v[4], 0.0, 1, True, 7)),
 }
 
 
