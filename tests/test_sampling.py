@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from relaydiff import RelayConfig
-from relaydiff.ops import patch_dct, patch_idct
+from relaydiff.ops import patch_dct, patch_idct, relay_step
 from relaydiff.ops import reference as R
 from relaydiff.sampling import (cfg, derive_seed, karras_sigmas, relay_init, sample_edm, sample_relay,
                                 truncate_sigmas)
@@ -60,10 +60,11 @@ def _blur(tau: float, p: int, m: float) -> torch.Tensor:
     return (1 - m) * torch.exp(-(math.pi ** 2 / p ** 2) * (k[:, None] ** 2 + k[None, :] ** 2) * tau) + m
 
 
-def _relay_oracle(mu, v, sigmas, config, s, fresh, t_truncation=None):
+def _relay_oracle(mu, v, sigmas, config, s, fresh, t_truncation=None, heun_last_level=True):
     """Exact mean/variance per DCT coefficient of ``sample_relay``'s output on data
     ``u0 ~ N(mu, diag(v))`` with the posterior-mean denoiser, started from the exact
     marginal at ``sigmas[0]``; SPEC 6 step by step."""
+    last_nonzero = len(sigmas) - 2 if sigmas[-1] == 0 else len(sigmas) - 1
     p, m = config.patch_size, config.min_scale
     a = [_blur(float(t), p, m) for t in config.tau_of_sigma(torch.tensor(sigmas), t_truncation)]
     mean, var = a[0] * mu, a[0] ** 2 * v + sigmas[0] ** 2
@@ -76,6 +77,9 @@ def _relay_oracle(mu, v, sigmas, config, s, fresh, t_truncation=None):
         g = math.sqrt(1 - s * s) * sn / sc
         A, B, eta = an + g * (1 - ac), g * ac - an, s * sn
         u_prop = A * u + B * (u - den) + _Affine(0.0, e=eta)
+        if not heun_last_level and i + 1 == last_nonzero:
+            mean, var = u_prop.moments(var)
+            continue
         den_prop = mu + (an * v / (an ** 2 * v + sn ** 2)) * (u_prop - an * mu)
         slope = 0.5 * ((1 / sc) * (u - den) + (1 / sn) * (u_prop - den_prop))
         noise = _Affine(0.0, f=eta) if fresh else _Affine(0.0, e=eta)
@@ -219,10 +223,14 @@ def _start_state(mu, v, sigma0, config, shape, seed, t_truncation=None):
     return patch_idct(a0 * u0 + sigma0 * torch.randn(shape, generator=g, dtype=torch.float64), p)
 
 
-@pytest.mark.parametrize("s_noise, fresh, t_truncation",
-                         [(0.2, False, None), (0.0, False, None), (0.5, False, None), (0.5, True, None),
-                          (0.5, False, 1.05)])
-def test_relay_gaussian_moments(s_noise, fresh, t_truncation):
+@pytest.mark.parametrize("s_noise, fresh, t_truncation, heun_last",
+                         [(0.2, False, None, True), (0.0, False, None, True), (0.5, False, None, True),
+                          (0.5, True, None, True), (0.5, False, 1.05, True),
+                          # Euler into the last level: the moments barely move (<2% of the
+                          # tolerance), so this checks the variant samples correctly;
+                          # test_relay_heun_last_level_variant checks what it computes
+                          (0.2, False, None, False)])
+def test_relay_gaussian_moments(s_noise, fresh, t_truncation, heun_last):
     """Gaussian data in the patch-DCT domain (alpha = 0): per coefficient, the samples'
     mean and variance match the exact output moments of Algorithm 1 and the data's."""
     config = RelayConfig(alpha=0.0)
@@ -232,12 +240,12 @@ def test_relay_gaussian_moments(s_noise, fresh, t_truncation):
     shape = (128, 3, 32, 32)
     x = _start_state(mu, v, float(sigmas[0]), config, shape, seed=11, t_truncation=t_truncation)
     out = sample_relay(denoiser, x, sigmas, config, s_noise=s_noise, fresh_correction_noise=fresh,
-                       t_truncation=t_truncation, seed=5, disable=True)
+                       t_truncation=t_truncation, heun_last_level=heun_last, seed=5, disable=True)
     samples = _per_coef(patch_dct(out, p), p)
     n = samples.shape[0]
     m_hat, v_hat = samples.mean(0), samples.var(0)
 
-    mean, var = _relay_oracle(mu, v, sigmas.tolist(), config, s_noise, fresh, t_truncation)
+    mean, var = _relay_oracle(mu, v, sigmas.tolist(), config, s_noise, fresh, t_truncation, heun_last)
     z = _z(2 * p * p)
     tol_m = z * (var / n).sqrt()
     tol_v = z * var * math.sqrt(2 / (n - 1))                   # sd of a Gaussian sample variance
@@ -388,6 +396,38 @@ def test_nfe_counts():
     den = _Counting(_blurry_denoiser)
     out, nfe = sample_relay(den, torch.randn(1, 3, 8, 8), rs[:-1], RelayConfig(), return_nfe=True, disable=True)
     assert nfe == den.calls == 2 * (k - 1)
+    # SPEC 6's literal wording: Euler into the last nonzero level
+    den = _Counting(_blurry_denoiser)
+    _, nfe = sample_relay(den, torch.randn(1, 3, 8, 8), rs, RelayConfig(), heun_last_level=False,
+                          return_nfe=True, disable=True)
+    assert nfe == den.calls == 2 * k - 2
+
+
+def test_relay_heun_last_level_variant():
+    """heun_last_level=False changes only the step into the last nonzero level: the same
+    trajectory up to it, then x = the Euler proposal there, and the last level's prediction."""
+    rs = truncate_sigmas(karras_sigmas(12, 0.008, 80.0), 0.9)
+    config = RelayConfig()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for flag in (True, False):
+        seen = []
+        out = sample_relay(_blurry_denoiser, x, rs, config, heun_last_level=flag, seed=9, disable=True,
+                           callback=lambda d: seen.append(d))
+        runs[flag] = (out, seen)
+    (out_t, seen_t), (out_f, seen_f) = runs[True], runs[False]
+    last = rs.numel() - 2                                   # index of the last nonzero level
+    for a, b in zip(seen_t[:last], seen_f[:last]):
+        assert torch.equal(a["x"], b["x"])
+    x_prev, s_prev, s_last = seen_f[last - 1]["x"], float(rs[last - 1]), float(rs[last])
+    tau_prev, tau_last = (float(t) for t in config.tau_of_sigma(rs[last - 1:last + 1]))
+    euler = relay_step(x_prev, _blurry_denoiser(x_prev, torch.full((2,), s_prev)), s_prev, s_last,
+                       tau_prev, tau_last, seed=derive_seed(9, last - 1), s_noise=0.2, **config.op_kwargs())
+    torch.testing.assert_close(seen_f[last]["x"], euler, rtol=0, atol=0)
+    torch.testing.assert_close(out_f, _blurry_denoiser(euler, torch.full((2,), s_last)), rtol=0, atol=0)
+    assert not torch.equal(out_t, out_f)
+    with pytest.raises(TypeError, match="heun_last_level"):
+        sample_relay(_blurry_denoiser, x, rs, config, heun_last_level=1, disable=True)
 
 
 def _conditional(x, sigma, class_labels):

@@ -52,6 +52,7 @@ class RelaySampling:
     cfg: float = 1.0                # classifier-free guidance scale (1: off)
     fresh_correction_noise: bool = False   # True: the authors' code (new noise in the Heun step)
     t_truncation: float | None = None      # T' of t(sigma); None: the RelayConfig's truncation
+    heun_last_level: bool = True           # False: Euler into the last nonzero level (SPEC 6 wording)
 
     def __post_init__(self):
         _check_common(self)
@@ -64,7 +65,7 @@ class RelaySampling:
 
     def sampler_kwargs(self) -> dict:
         return dict(s_noise=self.s_noise, fresh_correction_noise=self.fresh_correction_noise,
-                    t_truncation=self.t_truncation)
+                    t_truncation=self.t_truncation, heun_last_level=self.heun_last_level)
 
 
 @dataclasses.dataclass(frozen=True)

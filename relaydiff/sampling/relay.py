@@ -37,8 +37,9 @@ def relay_init(x_low: torch.Tensor, sigma0, config: RelayConfig, seed: int | Non
 @torch.no_grad()
 def sample_relay(denoiser, x: torch.Tensor, sigmas: torch.Tensor, config: RelayConfig, *,
                  class_labels=None, s_noise: float = 0.2, fresh_correction_noise: bool = False,
-                 t_truncation: float | None = None, seed: int | None = None, callback=None,
-                 disable: bool | None = None, return_nfe: bool = False):
+                 t_truncation: float | None = None, heun_last_level: bool = True,
+                 seed: int | None = None, callback=None, disable: bool | None = None,
+                 return_nfe: bool = False):
     """Relay sampler (paper Algorithm 1, SPEC 6) from ``sigmas[0]`` down the grid ``sigmas``.
 
     ``x`` ``[B, C, H, W]`` is the start state at ``sigmas[0]`` (see :func:`relay_init`); the
@@ -53,12 +54,18 @@ def sample_relay(denoiser, x: torch.Tensor, sigmas: torch.Tensor, config: RelayC
       ``x`` and ``x'``, reusing the Euler step's noise ``n`` (the paper) or, with
       ``fresh_correction_noise=True``, drawing new noise (the authors' code).
 
+    ``heun_last_level=True`` corrects every step that ends at a nonzero level, the step into
+    the last nonzero level included (paper Algorithm 1: "if n != 1", whose step n = 1 is the
+    one to sigma = 0; EDM; the authors' code): ``2K - 1`` denoiser calls for K nonzero levels
+    and a final 0. ``False`` takes SPEC 6's wording literally ("if sigma_n is not the last
+    nonzero level"): the step into the last nonzero level is Euler only, ``2K - 2`` calls.
+
     Every step's noise has a seed derived from ``seed`` (``None``: drawn from torch's
     global generator), so one seed fixes the whole trajectory. The state stays in
     ``x.dtype`` (the op computes in float32 for half types, in float64 for float64; its
     step factors are float64). ``callback`` receives ``{step, sigma, sigma_next, x,
     denoised, nfe}``; ``disable`` turns the progress bar off. Returns the image, with the
-    number of denoiser calls (``2K - 1`` for K nonzero levels and a final 0) if ``return_nfe``.
+    number of denoiser calls if ``return_nfe``.
     """
     check_image(x, "x")
     if not isinstance(config, RelayConfig):
@@ -69,6 +76,10 @@ def sample_relay(denoiser, x: torch.Tensor, sigmas: torch.Tensor, config: RelayC
     sig = sig_t.tolist()
     seed = check_seed(seed)
     op_kwargs = dict(s_noise=s_noise, **config.op_kwargs())
+    if not isinstance(heun_last_level, bool):
+        raise TypeError(f"heun_last_level must be a bool; got {type(heun_last_level).__name__}")
+    # index of the last nonzero level: its incoming step skips Heun when heun_last_level=False
+    last_nonzero = len(sig) - 2 if sig[-1] == 0.0 else len(sig) - 1
     nfe = 0
     bar = trange(len(sig) - 1, disable=disable, desc="relay", unit="step")
     for i in bar:
@@ -79,12 +90,14 @@ def sample_relay(denoiser, x: torch.Tensor, sigmas: torch.Tensor, config: RelayC
             x_next = denoised
         else:
             step_seed = derive_seed(seed, i)
-            x_prop = relay_step(x, denoised, s_cur, s_next, tau_cur, tau_next, seed=step_seed, **op_kwargs)
-            denoised_prop = call_denoiser(denoiser, x_prop, s_next, class_labels, x.dtype)
-            nfe += 1
-            corr_seed = derive_seed(seed, i, 1) if fresh_correction_noise else step_seed
-            x_next = relay_step(x, denoised, s_cur, s_next, tau_cur, tau_next, x_prop=x_prop,
-                                denoised_prop=denoised_prop, seed=corr_seed, **op_kwargs)
+            x_next = relay_step(x, denoised, s_cur, s_next, tau_cur, tau_next, seed=step_seed, **op_kwargs)
+            if heun_last_level or i + 1 != last_nonzero:
+                x_prop = x_next
+                denoised_prop = call_denoiser(denoiser, x_prop, s_next, class_labels, x.dtype)
+                nfe += 1
+                corr_seed = derive_seed(seed, i, 1) if fresh_correction_noise else step_seed
+                x_next = relay_step(x, denoised, s_cur, s_next, tau_cur, tau_next, x_prop=x_prop,
+                                    denoised_prop=denoised_prop, seed=corr_seed, **op_kwargs)
         if callback is not None:
             callback(dict(step=i, sigma=s_cur, sigma_next=s_next, x=x, denoised=denoised, nfe=nfe))
         x = x_next
