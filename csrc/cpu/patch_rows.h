@@ -8,8 +8,12 @@
 
 namespace relaydiff {
 
-// m is the P x P matrix, row-major.
-void patch_rows_f32(int P, const float* m, const float* in, float* out, int64_t W);
+// m is the P x P matrix, row-major; `rows` consecutive rows of W values.
+void patch_rows_f32(int P, const float* m, const float* in, float* out, int64_t W, int rows);
+
+// The down-the-columns half for a band of P rows: out[i][x] = sum_r m[i][r] in[r][x], in the
+// summation order of one scaled copy and P - 1 axpys (r ascending).
+void patch_cols_f32(int P, const float* m, const float* in, float* out, int64_t W);
 
 template <int P, typename T>
 void patch_rows_scalar(const T* m, const T* __restrict in, T* __restrict out, int64_t x0,

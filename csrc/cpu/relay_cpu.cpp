@@ -201,18 +201,17 @@ template <int P, typename T>
 void transform_band(const TransformMatrix<P, T>& M, const T* __restrict in, T* __restrict tmp,
                     T* __restrict out, int64_t W) {
   // along each row: tmp[r][qP + i] = sum_j M[i][j] in[r][qP + j]
-  for (int r = 0; r < P; ++r) {
-    if constexpr (std::is_same_v<T, float>) {
-      patch_rows_f32(P, &M.m[0][0], in + r * W, tmp + r * W, W);
-    } else {
-      patch_rows_scalar<P, T>(&M.m[0][0], in + r * W, tmp + r * W, 0, W);
-    }
-  }
   // down the columns: out[i][x] = sum_r M[i][r] tmp[r][x]
-  for (int i = 0; i < P; ++i) {
-    T* dst = out + i * W;
-    vec_set_scaled(dst, tmp, M.m[i][0], W);
-    for (int r = 1; r < P; ++r) vec_axpy(dst, tmp + r * W, M.m[i][r], W);
+  if constexpr (std::is_same_v<T, float>) {
+    patch_rows_f32(P, &M.m[0][0], in, tmp, W, P);   // one call per band: small W is call-bound
+    patch_cols_f32(P, &M.m[0][0], tmp, out, W);
+  } else {
+    for (int r = 0; r < P; ++r) patch_rows_scalar<P, T>(&M.m[0][0], in + r * W, tmp + r * W, 0, W);
+    for (int i = 0; i < P; ++i) {
+      T* dst = out + i * W;
+      vec_set_scaled(dst, tmp, M.m[i][0], W);
+      for (int r = 1; r < P; ++r) vec_axpy(dst, tmp + r * W, M.m[i][r], W);
+    }
   }
 }
 
