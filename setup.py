@@ -47,11 +47,16 @@ def extensions():
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
-        # Approximate float division and sqrt (<= 2 ulp) in the Box-Muller transform: ~12
-        # fewer instructions per pair of normals; CUDA noise stays within ~1e-6 of the CPU's
+        # Approximate float division and sqrt (<= 2 ulp; the Box-Muller transform spells out
+        # the same instructions in philox.h); CUDA noise stays within ~1e-6 of the CPU's
         # (docs/cuda.md). Not --use_fast_math: it also flushes denormals to zero.
         nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-prec-div=false",
                 "-prec-sqrt=false"]
+        min_blocks = os.environ.get("RELAYDIFF_CUDA_MIN_BLOCKS", "")  # occupancy experiment knob
+        if min_blocks:
+            if not min_blocks.isdigit() or not 1 <= int(min_blocks) <= 8:
+                raise SystemExit(f"RELAYDIFF_CUDA_MIN_BLOCKS must be an integer in 1..8; got {min_blocks!r}")
+            nvcc.append(f"-DRELAYDIFF_CUDA_MIN_BLOCKS={int(min_blocks)}")
         return [cpp_extension.CUDAExtension("relaydiff._C", sources,
                                             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                                             extra_link_args=link, py_limited_api=False)]

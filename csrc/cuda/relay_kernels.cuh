@@ -881,9 +881,19 @@ typename Exec::Result run_dtype(const OpArgs& a, Exec& exec) {
 
 #if defined(__CUDACC__)
 
+// Resident blocks per SM asked of ptxas (__launch_bounds__' second argument), an occupancy
+// experiment knob set at build time (setup.py: RELAYDIFF_CUDA_MIN_BLOCKS=N). Unset, ptxas
+// chooses: 58-64 registers for the float scale kernels, 4 blocks of 256 threads per SM;
+// 5 gives 48 registers with 12-136 bytes of spills (docs/cuda.md).
+#if defined(RELAYDIFF_CUDA_MIN_BLOCKS) && RELAYDIFF_CUDA_MIN_BLOCKS > 0
+#define RD_LAUNCH_BOUNDS __launch_bounds__(kThreads, RELAYDIFF_CUDA_MIN_BLOCKS)
+#else
+#define RD_LAUNCH_BOUNDS __launch_bounds__(kThreads)
+#endif
+
 // One block per tile; the four phases exchange data through shared memory only.
 template <typename S, int P, Kind K>
-__global__ void __launch_bounds__(kThreads) tile_kernel(const __grid_constant__ TileParams<S, P, K> prm) {
+__global__ void RD_LAUNCH_BOUNDS tile_kernel(const __grid_constant__ TileParams<S, P, K> prm) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int tid = static_cast<int>(threadIdx.x);
   const TileKernel<S, P, K> k(prm, static_cast<int64_t>(blockIdx.x),
