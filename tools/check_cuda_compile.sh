@@ -42,4 +42,20 @@ print(f"{len(rows)} kernels compiled; max registers {max((int(r[5]) for r in row
 for name, arch, stack, st, ld, regs in spills:
     print(f"  spills: {name} ({arch}) {st}/{ld} bytes")
 PY
-echo "check_cuda_compile: OK in $(( $(date +%s) - start )) s"
+# A link-level check without CUDA libraries: every relaydiff:: symbol the objects use must be
+# defined in one of them (a missing kernel instantiation or launcher shows up here, not only
+# when a GPU machine imports the extension).
+objs=$(find "$build" -path "*relaydiff_cuda_check.dir*" -name "*.o")
+if [[ -z "$objs" ]]; then
+  echo "check_cuda_compile: no object files found under $build" >&2
+  exit 1
+fi
+# shellcheck disable=SC2086
+missing=$(comm -23 <(nm -C --undefined-only $objs | grep -o "relaydiff::.*" | sort -u) \
+                   <(nm -C --defined-only $objs | grep -o "relaydiff::.*" | sort -u))
+if [[ -n "$missing" ]]; then
+  echo "check_cuda_compile: relaydiff symbols used but not defined by the CUDA sources:" >&2
+  echo "$missing" >&2
+  exit 1
+fi
+echo "check_cuda_compile: OK in $(( $(date +%s) - start )) s ($(echo "$objs" | wc -l) objects, no undefined relaydiff symbols)"
