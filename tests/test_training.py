@@ -222,9 +222,9 @@ def _weights(path: pathlib.Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def test_resume_reaches_the_same_weights(tmp_path, images):
-    # relay stage, class labels with dropout, accumulation: every source of randomness in play
+    # relay stage, class labels with dropout, accumulation, augmentation: every source of randomness
     kw = dict(stage="relay", resolution=16, batch=4, accum=2, label_dropout=0.5, checkpoint_every=3,
-              relay=RelayConfig(blur_sigma_max=2.0), dropout=0.1)
+              relay=RelayConfig(blur_sigma_max=2.0), dropout=0.1, augment=0.5)
     train(tiny_cfg(images, tmp_path / "a", steps=6, **kw))
     train(tiny_cfg(images, tmp_path / "b", steps=3, **kw))
     train(tiny_cfg(images, tmp_path / "b", steps=6, resume=True, workers=1, **kw))   # workers: same order

@@ -61,6 +61,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--label-dropout", type=float,
                    help="probability of dropping the class label, for classifier-free guidance (default: preset's)")
     g.add_argument("--no-xflip", action="store_true", help="no random horizontal flips")
+    g.add_argument("--augment", type=float, metavar="P",
+                   help="geometric augmentation probability per transform, with labels to the network "
+                        "(paper: 0.2 on CelebA-HQ; default: preset's, 0 = off; docs/training.md)")
     g.add_argument("--amp", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="network precision: bfloat16/float16 autocast (float16 with loss scaling); default float32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -132,7 +135,8 @@ def build_config(args):
         batch=args.batch, accum=args.accum, steps=args.steps, kimg=args.kimg, lr=args.lr,
         warmup_kimg=args.warmup_kimg, ema_halflife_kimg=args.ema_halflife_kimg,
         ema_rampup=args.ema_rampup or None, grad_clip=args.grad_clip, dropout=args.dropout,
-        label_dropout=args.label_dropout, labels=_TRI[args.labels], xflip=not args.no_xflip, amp=args.amp,
+        label_dropout=args.label_dropout, labels=_TRI[args.labels], xflip=not args.no_xflip,
+        augment=args.augment, amp=args.amp,
         compile=args.compile, grad_checkpointing=args.grad_checkpointing, minutes=args.minutes, seed=args.seed,
         device=args.device, resume=args.resume, quiet=args.quiet, relay=_relay_config(args, PRESETS[args.preset]),
         workers=args.workers, cache=_TRI[args.cache], log_every=args.log_every,

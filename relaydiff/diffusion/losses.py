@@ -5,7 +5,9 @@ squared error ``lambda(sigma) * (D(x_t; sigma, c) - x0)^2`` with
 ``lambda = (sigma^2 + sd^2) / (sigma sd)^2``; ``net`` is a denoiser of the contract
 (:class:`~relaydiff.models.EDMPrecond`), ``images`` ``[B, C, H, W]`` in [-1, 1], ``labels``
 ``[B, label_dim]`` one-hot or None. Randomness comes from torch's global generator, so
-``torch.manual_seed`` (and a saved RNG state) makes a run repeatable.
+``torch.manual_seed`` (and a saved RNG state) makes a run repeatable. ``augment`` (optional,
+e.g. :class:`relaydiff.training.augment.GeometricAugment`) maps ``images -> (images,
+augment_labels)`` before the corruption; the labels go to the network as ``augment_labels``.
 """
 from __future__ import annotations
 
@@ -32,19 +34,26 @@ def drop_labels(labels: torch.Tensor | None, p: float) -> torch.Tensor | None:
 
 
 class _Loss:
-    def __init__(self, sigma_data: float, label_dropout: float):
+    def __init__(self, sigma_data: float, label_dropout: float, augment=None):
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1); got {label_dropout!r}")
+        if augment is not None and not callable(augment):
+            raise TypeError(f"augment must be callable (images -> (images, labels)); got {type(augment).__name__}")
         self.sigma_data = float(sigma_data)
         self.label_dropout = float(label_dropout)
+        self.augment = augment
 
     def corrupt(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ``(x_t, sigma [B])``."""
         raise NotImplementedError
 
     def __call__(self, net, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {}
+        if self.augment is not None:
+            # the augmented image is the clean target; the network is told what was done
+            images, kwargs["augment_labels"] = self.augment(images)
         x_t, sigma = self.corrupt(images)
-        denoised = net(x_t, sigma, drop_labels(labels, self.label_dropout))
+        denoised = net(x_t, sigma, drop_labels(labels, self.label_dropout), **kwargs)
         w = loss_weight(sigma, self.sigma_data).reshape(-1, 1, 1, 1)
         return w * (denoised - images) ** 2
 
@@ -53,8 +62,8 @@ class EDMLoss(_Loss):
     """Stage 1 (SPEC 4-5): ``ln sigma ~ N(p_mean, p_std^2)``, ``x_t = x0 + sigma e``."""
 
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5,
-                 label_dropout: float = 0.0):
-        super().__init__(sigma_data, label_dropout)
+                 label_dropout: float = 0.0, augment=None):
+        super().__init__(sigma_data, label_dropout, augment)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
 
     def corrupt(self, images):
@@ -70,8 +79,8 @@ class RelayLoss(_Loss):
     The target is the unblurred ``x0``; ``images`` are the high-resolution images only."""
 
     def __init__(self, relay: RelayConfig, sigma_data: float = 0.5, label_dropout: float = 0.0,
-                 corrupt: Callable[..., torch.Tensor] = ops.relay_corrupt):
-        super().__init__(sigma_data, label_dropout)
+                 corrupt: Callable[..., torch.Tensor] = ops.relay_corrupt, augment=None):
+        super().__init__(sigma_data, label_dropout, augment)
         self.relay = relay
         self._corrupt = corrupt
 

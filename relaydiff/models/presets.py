@@ -30,6 +30,7 @@ class Preset:
     label_dropout: float       # class-label dropout for classifier-free guidance
     label_dim: int = 0         # classes of the published dataset (0: unconditional)
     relay: RelayConfig | None = None   # published relay settings (None: RelayConfig() defaults)
+    augment: float = 0.0       # geometric augmentation probability (paper Table 4)
 
 
 _ADM64 = dict(model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8))
@@ -47,11 +48,11 @@ PRESETS: dict[str, Preset] = {
     "celebahq64-base": Preset(
         "CelebA-HQ 64x64 stage 1, unconditional ADM (~295M parameters)", "base", 64,
         dict(_ADM64, dropout=0.15), lr=1e-4, batch=1024, ema_halflife_kimg=500, warmup_kimg=10000,
-        label_dropout=0.0),
+        label_dropout=0.0, augment=0.2),
     "celebahq256-relay": Preset(
         "CelebA-HQ 64->256 relay stage, unconditional ADM (~553M parameters)", "relay", 256,
         dict(_ADM256, dropout=0.20), lr=1e-4, batch=1024, ema_halflife_kimg=500, warmup_kimg=10000,
-        label_dropout=0.0, relay=RelayConfig.celebahq256()),
+        label_dropout=0.0, relay=RelayConfig.celebahq256(), augment=0.2),
     "small": Preset(
         "CPU demo model (~7.7M parameters): 16x16 base or 16->64 relay in tens of minutes", None, 16,
         dict(model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(16, 8), dropout=0.0),

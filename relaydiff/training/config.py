@@ -40,6 +40,7 @@ class TrainConfig:
     label_dropout: float | None = None      # class-label dropout for classifier-free guidance
     labels: bool | None = None              # class labels from top-level sub-folders (None: auto)
     xflip: bool = True                      # random horizontal flips
+    augment: float | None = None            # geometric augmentation probability (0: off; None: preset's)
     amp: str | None = None                  # None/"float32", "bfloat16" or "float16" (loss scaling)
     compile: bool = False                   # torch.compile the model
     grad_checkpointing: bool = False        # recompute U-Net block activations in the backward pass
@@ -84,7 +85,7 @@ class TrainConfig:
             c.relay = None
         if c.resolution is None:
             c.resolution = p.resolution * (c.relay.patch_size if p.stage is None and c.relay else 1)
-        for name in ("batch", "lr", "warmup_kimg", "ema_halflife_kimg", "label_dropout"):
+        for name in ("batch", "lr", "warmup_kimg", "ema_halflife_kimg", "label_dropout", "augment"):
             if getattr(c, name) is None:
                 setattr(c, name, getattr(p, name))
         if c.dropout is None:
@@ -130,6 +131,9 @@ class TrainConfig:
             non_negative(name)
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive; got {self.lr!r}")
+        non_negative("augment")
+        if self.augment > 1:
+            raise ConfigError(f"augment must be a probability in [0, 1]; got {self.augment!r}")
         if not self.dropout < 1 or not self.label_dropout < 1:
             raise ConfigError(f"dropout and label_dropout must be < 1; got {self.dropout!r}, {self.label_dropout!r}")
         if self.amp not in (None,) + AMP_CHOICES:

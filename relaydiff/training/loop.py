@@ -25,6 +25,7 @@ from relaydiff.models import EDMPrecond, build_model, network_kwargs
 from relaydiff.models.checkpoint import atomic_write
 
 from . import distributed, preview
+from .augment import AUGMENT_DIM, GeometricAugment
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 
@@ -130,7 +131,9 @@ def _train(cfg: TrainConfig, dataset: ImageDataset, d: distributed.Dist,
 
     # the same initial weights on every process; per-process noise afterwards
     torch.manual_seed(cfg.seed)
-    net_kwargs = network_kwargs(cfg.preset, cfg.resolution, label_dim=label_dim, dropout=cfg.dropout)
+    # augment_dim only when augmenting: runs without it keep their network keywords (resume)
+    net_kwargs = network_kwargs(cfg.preset, cfg.resolution, label_dim=label_dim, dropout=cfg.dropout,
+                                **({"augment_dim": AUGMENT_DIM} if cfg.augment > 0 else {}))
     model = build_model(net_kwargs).to(dev).train()
     model.model.gradient_checkpointing = cfg.grad_checkpointing
     model.amp = cfg.amp
@@ -159,8 +162,9 @@ def _train(cfg: TrainConfig, dataset: ImageDataset, d: distributed.Dist,
         if dev.type == "cuda" and state.get("cuda_rng") and state["world"] == d.world:
             torch.cuda.set_rng_state(state["cuda_rng"][d.rank])
 
-    loss_fn = (EDMLoss(label_dropout=cfg.label_dropout) if cfg.stage == "base"
-               else RelayLoss(cfg.relay, label_dropout=cfg.label_dropout))
+    augment = GeometricAugment(cfg.augment) if cfg.augment > 0 else None
+    loss_fn = (EDMLoss(label_dropout=cfg.label_dropout, augment=augment) if cfg.stage == "base"
+               else RelayLoss(cfg.relay, label_dropout=cfg.label_dropout, augment=augment))
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if d.active else model
     net = torch.compile(ddp) if cfg.compile else ddp
 
