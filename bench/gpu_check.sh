@@ -2,14 +2,15 @@
 # The whole GPU check in one go, for a fresh GPU machine (torch with CUDA preinstalled, no
 # internet) with this repository as the working directory:
 #   1. build relaydiff._C with its CUDA kernels in place (one arch, ninja, all cores)
-#   2. tests/test_ops_cuda.py, then the CUDA cases of tests/test_ops.py (failures do not stop
-#      the script; a test that crashes the interpreter is deselected and the file rerun)
+#   2. tests/test_ops_cuda.py, then the CUDA cases of tests/test_ops.py, then the other
+#      `-m cuda` tests (failures do not stop the script; a test that crashes the interpreter
+#      in test_ops_cuda.py is deselected and the file rerun)
 #   3. bench/gpu_bench.py (kernel vs eager twin vs torch.compile, % of copy bandwidth)
 #   4. ncu profile of one corrupt/step/dct launch (bench/ncu_ops.py), then
 #      compute-sanitizer memcheck + racecheck of every op, when time is left
 # Everything goes under $OUT (default bench/results/): nvidia-smi.txt, build.log,
-# test_ops_cuda.log/.xml, test_ops.log/.xml, bench.txt, bench.json, ncu.txt, sanitizer.log,
-# summary.txt. The summary table is printed last. Each step gets a share of DEADLINE
+# test_ops_cuda.log/.xml, test_ops.log/.xml, test_other_cuda.log/.xml, bench.txt, bench.json,
+# ncu.txt, sanitizer.log, summary.txt. The summary table is printed last. Each step gets a share of DEADLINE
 # seconds (default 330), so the whole script ends within ~6 minutes.
 #
 #   OUT=/tmp/out bench/gpu_check.sh          # PYTHON=python3, TORCH_CUDA_ARCH_LIST=9.0
@@ -88,6 +89,13 @@ if [[ -f tests/test_ops.py ]]; then
   OPS_TESTS=$(pytest_line "$OUT/test_ops.log")
 fi
 
+# the rest of the library's CUDA tests (models, training, evaluation, conversion), briefly
+t0=$SECONDS
+timeout "$(share 45 90)" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests --ignore=tests/test_ops.py \
+  --ignore=tests/test_ops_cuda.py --junitxml="$OUT/test_other_cuda.xml" >"$OUT/test_other_cuda.log" 2>&1
+OTHER_TESTS_S=$((SECONDS - t0))
+OTHER_TESTS=$(pytest_line "$OUT/test_other_cuda.log")
+
 # ---------------------------------------------------------------- 3. benchmark
 t0=$SECONDS
 bench_s=$(share 150 55)
@@ -162,6 +170,8 @@ fi
   grep -hE "^(FAILED|ERROR) " "$OUT"/test_ops_cuda*.log | sort -u | head -12 | cut -c1-200
   echo "tests/test_ops.py -k cuda: $OPS_TESTS [${OPS_TESTS_S} s]"
   [[ -f "$OUT/test_ops.log" ]] && grep -E "^(FAILED|ERROR) " "$OUT/test_ops.log" | head -8 | cut -c1-200
+  echo "other CUDA tests (-m cuda): $OTHER_TESTS [${OTHER_TESTS_S} s]"
+  grep -E "^(FAILED|ERROR) " "$OUT/test_other_cuda.log" | head -8 | cut -c1-200
   echo "sanitizer: $SANITIZER"
   echo "ncu:       $NCU"
   echo "benchmark (rc $BENCH_RC, ${BENCH_S} s):"
