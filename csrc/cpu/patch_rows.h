@@ -1,7 +1,9 @@
-// The along-the-row half of the patch transform: out[qP + i] = sum_j m[i][j] in[qP + j] for
-// every patch q of a row. float rows are done 16 values (16/P patches) at a time with
-// constant lane shuffles; GCC lowers the 64-byte vectors to AVX-512, AVX2 or SSE2 code in
-// the clones below. Other types, and row tails, take the scalar loop.
+// The two halves of the patch transform of a band of P rows. Along the rows:
+// out[qP + i] = sum_j m[i][j] in[qP + j] for every patch q of a row, 16 values (16/P
+// patches) at a time with constant lane shuffles; down the columns: P outputs from P rows, 16
+// columns at a time. GCC lowers the 64-byte vectors to AVX-512, AVX2 or SSE2 code in the
+// clones (patch_rows.cpp). One call per band: at small W the per-call cost dominated. Other
+// types, and row tails, take the scalar loops.
 #pragma once
 
 #include <cstdint>

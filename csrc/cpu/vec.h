@@ -11,7 +11,6 @@ void vec_axpy_f32(float* y, const float* x, float a, int64_t n);  // y += a x
 void vec_add_f32(float* y, const float* x, int64_t n);            // y += x
 void vec_mul_f32(float* y, const float* x, int64_t n);            // y *= x
 void vec_scale_f32(float* y, float a, int64_t n);                 // y *= a
-void vec_set_scaled_f32(float* y, const float* x, float a, int64_t n);  // y = a x
 void vec_fma_f32(float* y, const float* a, const float* x, int64_t n);  // y += a * x, elementwise
 
 template <typename T>
@@ -50,13 +49,10 @@ inline void vec_scale(T* y, T a, int64_t n) {
   }
 }
 
+// y = a x (the float64 patch transform; float bands go through patch_cols_f32)
 template <typename T>
 inline void vec_set_scaled(T* __restrict y, const T* __restrict x, T a, int64_t n) {
-  if constexpr (sizeof(T) == 4) {
-    vec_set_scaled_f32(y, x, a, n);
-  } else {
-    for (int64_t i = 0; i < n; ++i) y[i] = a * x[i];
-  }
+  for (int64_t i = 0; i < n; ++i) y[i] = a * x[i];
 }
 
 template <typename T>
