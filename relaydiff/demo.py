@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from relaydiff.config import RelayConfig
 from relaydiff.images import center_square, from_uint8, save_png, to_uint8
 
 TILE = 64            # high resolution (px)
@@ -45,7 +44,9 @@ PATCH = 4            # relay factor: 16 -> 64
 LOW = TILE // PATCH
 FLAT_STD = 8.0       # tiles whose pixel std (uint8 units) is below this are dropped
 CROP_MAX = 192       # random crops of TILE..CROP_MAX px, resized to TILE
-BASE_SHARE = 1 / 3   # of the training time to stage 1: its loss flattens sooner than the relay stage's
+BASE_SHARE = 0.25    # of the training time to stage 1: its loss flattens sooner than the relay stage's
+BASE_PRESET, RELAY_PRESET = "tiny", "tiny-relay"   # relaydiff.models.PRESETS
+SAMPLER = "short"    # relaydiff.sampling.PRESETS: the relay stage from its trained top, few levels
 
 # sheet layout (samples.png, superres.png): TILE px cells, CELL_GAP px apart inside a triplet,
 # GROUP_GAP px between triplets and around the border, a HEADER px title band on top
@@ -61,7 +62,7 @@ class DemoError(ValueError):
 class DemoConfig:
     """Settings of :func:`run_demo`; ``None`` counts take the default (or smoke) size."""
     out: str = "demo_out"             # output folder (must not exist or be empty)
-    minutes: float = 10.0             # wall-clock budget for the whole demo
+    minutes: float = 14.0             # wall-clock budget for the whole demo
     smoke: bool = False               # tiny data and 2 optimizer steps per stage (CI)
     seed: int = 0
     device: str | None = None         # None: CUDA when available
@@ -175,6 +176,19 @@ def build_data(photos: dict[str, np.ndarray], out: pathlib.Path, n_heldout: int,
     return DemoData(zip_path, len(train_tiles) + n_crops, len(train_tiles), heldout, held_names)
 
 
+def load_heldout(out) -> tuple[torch.Tensor, list[str]]:
+    """The held-out tiles ``build_data`` wrote under ``out/data/heldout/high`` (sorted by
+    name): ``([N, 3, TILE, TILE]`` in [-1, 1], names)``."""
+    paths = sorted((pathlib.Path(out) / "data" / "heldout" / "high").glob("*.png"))
+    if not paths:
+        raise ValueError(f"{out}/data/heldout/high holds no held-out tiles; run build_data first")
+    images = []
+    for path in paths:
+        with Image.open(path) as im:
+            images.append(np.asarray(im.convert("RGB")))
+    return from_uint8(np.stack(images)), [p.stem for p in paths]
+
+
 # ------------------------------------------------------------------------------- figures
 
 SCALE = 2            # sheet cells show each pixel as SCALE x SCALE
@@ -227,11 +241,36 @@ def _centered(low: np.ndarray) -> np.ndarray:
     return cell
 
 
+# ----------------------------------------------------------------------------- scoring
+
+def superres_scores(candidates: dict[str, torch.Tensor], truth: torch.Tensor) -> dict:
+    """The demo's metric (docs/demo.md) of each super-resolution in ``candidates`` (name ->
+    ``[N, 3, TILE, TILE]`` in [-1, 1]) against ``truth``, all quantised to uint8 as the PNGs
+    are: per-tile PSNR and SSIM (RGB, data range 2), ``consistency`` (PSNR of the candidate's
+    PATCH x PATCH box-downsample against the truth's: does it reproduce its input), the
+    set's ``hf_psd`` (:func:`relaydiff.analysis.high_frequency_error` against the truth: mean
+    ``|ln PSD ratio|`` over [pi/2, pi]) and ``swd`` (sliced Wasserstein distance x 1e3 of 7 x 7
+    neighbourhoods on a Laplacian pyramid, :func:`relaydiff.metrics.swd`, mean over levels).
+    Returns ``{name: {"psnr": [N], "ssim": [N], "consistency": [N], "hf_psd": float, "swd": float}}``."""
+    from relaydiff.analysis import high_frequency_error
+    from relaydiff.metrics import psnr, ssim, swd
+    q = lambda x: from_uint8(to_uint8(x))  # noqa: E731
+    truth_q = q(truth)
+    low_truth = F.avg_pool2d(truth_q, PATCH)
+    out = {}
+    for name, x in candidates.items():
+        xq = q(x)
+        out[name] = {"psnr": psnr(xq, truth_q), "ssim": ssim(xq, truth_q),
+                     "consistency": psnr(F.avg_pool2d(xq, PATCH), low_truth),
+                     "hf_psd": high_frequency_error(xq, truth_q), "swd": swd(xq, truth_q)["swd_mean"]}
+    return out
+
+
 # ------------------------------------------------------------------------------ the demo
 
 SMOKE_STEPS = 2               # optimizer steps per stage with smoke=True
 SMOKE_TILES = 24              # training tiles with smoke=True
-SMOKE_SAMPLER = (8, 16)       # stage-1 and relay grid sizes with smoke=True
+SMOKE_SAMPLER = (8, 2)        # stage-1 and relay grid sizes with smoke=True
 BASE_BATCH = 16               # stage 1 at 16 px: larger batches cost little per image
 SAMPLE_BATCH = 16
 
@@ -242,17 +281,17 @@ def _pick_device(name: str | None) -> torch.device:
 
 @torch.no_grad()
 def estimate_sampling_seconds(device: torch.device, n_samples: int, n_heldout: int, steps=None) -> float:
-    """Seconds the sampling phase will take: one timed forward pass of an untrained ``tiny``
-    relay network, times the relay and stage-1 calls the ``default`` sampler preset makes,
-    with a 1.5x margin and 5 s for writing files."""
+    """Seconds the sampling phase will take: one timed forward pass of an untrained relay
+    network, times the relay and stage-1 calls the ``SAMPLER`` preset makes, with a 1.5x
+    margin and 15 s for the metrics and writing files."""
     from relaydiff.models import build_model, network_kwargs
     from relaydiff.sampling import get_preset
-    preset = get_preset("default")
+    preset = get_preset(SAMPLER)
     if steps is not None:
         preset = preset.with_steps(*steps)
-    relay_nfe = 2 * (preset.relay.sigmas().numel() - 1) - 1
+    relay_nfe = 2 * (preset.relay.sigmas(trained_max=1.0).numel() - 1) - 1
     base_nfe = 2 * preset.stage1.steps - 1
-    net = build_model(network_kwargs("tiny", TILE, label_dim=0)).to(device).eval()
+    net = build_model(network_kwargs(RELAY_PRESET, TILE, label_dim=0)).to(device).eval()
     b = min(SAMPLE_BATCH, max(n_samples, n_heldout))
     x, sigma = torch.zeros(b, 3, TILE, TILE, device=device), torch.ones(b, device=device)
     net(x, sigma)                                    # warm-up (allocations, kernel selection)
@@ -265,7 +304,7 @@ def estimate_sampling_seconds(device: torch.device, n_samples: int, n_heldout: i
     per_image = (time.perf_counter() - t) / b
     # stage 1 runs at 1/PATCH^2 of the pixels
     calls = relay_nfe * (n_samples + n_heldout) + base_nfe * n_samples / PATCH ** 2
-    return 1.5 * calls * per_image + 5.0
+    return 1.5 * calls * per_image + 15.0
 
 
 def _train_stage(stage: str, data: DemoData, run_dir: pathlib.Path, cfg: DemoConfig, minutes: float | None):
@@ -273,10 +312,10 @@ def _train_stage(stage: str, data: DemoData, run_dir: pathlib.Path, cfg: DemoCon
     from relaydiff.training import TrainConfig, train
     t = time.monotonic()
     run = train(TrainConfig(
-        stage=stage, data=str(data.train_zip), out=str(run_dir), preset="tiny",
+        stage=stage, data=str(data.train_zip), out=str(run_dir),
+        preset=BASE_PRESET if stage == "base" else RELAY_PRESET,
         resolution=LOW if stage == "base" else TILE, batch=BASE_BATCH if stage == "base" else None,
         steps=SMOKE_STEPS if cfg.smoke else None, minutes=None if cfg.smoke else max(minutes, 0.0),
-        relay=RelayConfig(patch_size=PATCH, block_size=PATCH) if stage == "relay" else None,
         labels=False, cache=True, workers=0, seed=cfg.seed + (stage == "relay"), device=cfg.device,
         quiet=cfg.quiet, log_every=25, checkpoint_every=10 ** 9, sample_every=-1, keep=1))
     wall = time.monotonic() - t
@@ -289,7 +328,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     ``OUT/summary.json``). Raises :class:`DemoError` for bad settings, an ``OUT`` that holds
     files, or missing scikit-image/scikit-learn photos, before writing anything."""
     from relaydiff.data.bundled import load_bundled_photos
-    from relaydiff.metrics import psnr, ssim
     from relaydiff.pipeline import RelayPipeline
     from relaydiff.sampling import nearest_upsample
 
@@ -332,7 +370,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     say("relaydiff demo: sampling")
     t = time.monotonic()
-    pipe = RelayPipeline.from_checkpoints(base_run, relay_run, device=device, sampler="default")
+    pipe = RelayPipeline.from_checkpoints(base_run, relay_run, device=device, sampler=SAMPLER, consistency=True)
     disable = True if cfg.quiet else None
     high, low = pipe.sample(cfg.n_samples, seed=cfg.seed, steps=sampler_steps, batch_size=SAMPLE_BATCH,
                             return_low=True, disable=disable)
@@ -348,14 +386,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     candidates = {"relay": q(sr), "nearest": q(nearest_upsample(inputs, PATCH)),
                   "bicubic": q(F.interpolate(inputs, scale_factor=PATCH, mode="bicubic", align_corners=False)
                                .clamp(-1, 1))}
-    truth_q = q(truth)
-    scores = {k: (psnr(v, truth_q), ssim(v, truth_q)) for k, v in candidates.items()}
+    scores = superres_scores(candidates, truth)
     metrics = {
-        "definition": "PSNR (dB) and SSIM on RGB, images in [-1, 1] (data range 2), uint8-quantised; "
-                      "inputs are the ground truth box-downsampled 4x",
-        **{k: {"psnr": float(p.mean()), "ssim": float(s.mean())} for k, (p, s) in scores.items()},
-        "per_tile": [{"name": nm, **{f"{k}_{m}": float(v[i]) for k, pair in scores.items()
-                                     for m, v in zip(("psnr", "ssim"), pair)}}
+        "definition": "PSNR (dB) and SSIM on RGB, images in [-1, 1] (data range 2), uint8-quantised; inputs are "
+                      "the ground truth box-downsampled 4x. consistency: PSNR of the output's 4x box-downsample "
+                      "against the input. hf_psd: mean |ln PSD ratio| to the ground truth over radial "
+                      "frequencies [pi/2, pi] (0 = the truth's high-frequency power). swd: sliced Wasserstein "
+                      "distance x 1e3 of 7x7 Laplacian-pyramid neighbourhoods to the ground truth set",
+        **{k: {"psnr": float(v["psnr"].mean()), "ssim": float(v["ssim"].mean()),
+               "consistency": float(v["consistency"].mean()), "hf_psd": v["hf_psd"], "swd": v["swd"]}
+           for k, v in scores.items()},
+        "per_tile": [{"name": nm, **{f"{k}_{m}": float(v[m][i]) for k, v in scores.items()
+                                     for m in ("psnr", "ssim")}}
                      for i, nm in enumerate(data.heldout_names)],
     }
 
@@ -372,11 +414,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     near = to_uint8(nearest_upsample(low, PATCH))
     samples_sheet = _sheet([[_centered(low_u8[k]), near[k], high_u8[k]] for k in range(cfg.n_samples)],
                            [f"stage 1 ({LOW}px)", "nearest x4", f"relay ({TILE}px)"], per_row)
-    in_u8, truth_u8 = to_uint8(candidates["nearest"]), to_uint8(truth_q)
-    p_relay, s_relay = scores["relay"]
-    sr_sheet = _sheet([[in_u8[i], sr_u8[i], truth_u8[i]] for i in range(len(sr_u8))],
-                      [f"input ({LOW}px)", "relay", "ground truth"], min(4, len(sr_u8)),
-                      captions=[f"{float(p):.1f} dB  SSIM {float(s):.2f}" for p, s in zip(p_relay, s_relay)])
+    in_u8, bic_u8, truth_u8 = (to_uint8(x) for x in (candidates["nearest"], candidates["bicubic"], q(truth)))
+    rel, bic = scores["relay"], scores["bicubic"]
+    sr_sheet = _sheet([[in_u8[i], bic_u8[i], sr_u8[i], truth_u8[i]] for i in range(len(sr_u8))],
+                      [f"input ({LOW}px)", "bicubic", "relay", "ground truth"], min(2, len(sr_u8)),
+                      captions=[f"bicubic {float(bic['psnr'][i]):.1f} dB / {float(bic['ssim'][i]):.2f}    "
+                                f"relay {float(rel['psnr'][i]):.1f} dB / {float(rel['ssim'][i]):.2f}"
+                                for i in range(len(sr_u8))])
     for name, image in (("samples.png", samples_sheet), ("superres.png", sr_sheet)):
         save_png(np.asarray(image), out / name)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -388,6 +432,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "base": {"run": str(base_run), "steps": base_steps, "train_s": base_train_s},
         "relay": {"run": str(relay_run), "steps": relay_steps, "train_s": relay_train_s},
         "nfe_per_batch": dict(pipe.last_nfe), "timings": timings,
+        "sampler": SAMPLER, "relay_config": pipe.config.to_dict(),
         "superres": {k: metrics[k] for k in candidates},
         "files": ["samples.png", "superres.png", "metrics.json", "summary.json", "samples/", "superres/",
                   "base/log.jsonl", "relay/log.jsonl", "base/checkpoints/", "relay/checkpoints/",
@@ -405,10 +450,11 @@ def format_summary(s: dict) -> str:
         f"(data {t['data_s']:.0f} s, stage 1 {t['base_s']:.0f} s / {s['base']['steps']} steps, "
         f"relay {t['relay_s']:.0f} s / {s['relay']['steps']} steps, sampling {t['sampling_s']:.0f} s)",
         f"  {s['out']}/samples.png    {LOW}px stage-1 samples | nearest x4 (relay start) | relay output",
-        f"  {s['out']}/superres.png   held-out tiles: {LOW}px input | relay output | ground truth",
+        f"  {s['out']}/superres.png   held-out tiles: {LOW}px input | bicubic | relay output | ground truth",
         f"  {s['out']}/metrics.json, summary.json; samples/, superres/ (PNGs); base/, relay/ "
         "(log.jsonl, checkpoints); data/",
-        "  super-resolution of {} held-out tiles (mean PSNR dB / SSIM): {}".format(
-            len(s["heldout"]), ", ".join(f"{k} {v['psnr']:.2f} / {v['ssim']:.3f}" for k, v in s["superres"].items())),
+        "  super-resolution of {} held-out tiles (mean PSNR dB / SSIM / high-frequency |ln PSD ratio| / SWD): "
+        "{}".format(len(s["heldout"]), ", ".join(f"{k} {v['psnr']:.2f} / {v['ssim']:.3f} / {v['hf_psd']:.2f} / "
+                                                 f"{v['swd']:.0f}" for k, v in s["superres"].items())),
     ]
     return "\n".join(lines)

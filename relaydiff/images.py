@@ -3,17 +3,120 @@ implementation of the conversion (``relaydiff.data`` and ``relaydiff.metrics`` u
 
 Floats are ``[B, C, H, W]`` in [-1, 1]; ``u8 = clamp(round((x + 1) * 127.5), 0, 255)`` and
 ``x = u8 / 127.5 - 1``. C is 1 (grey) or 3 (RGB).
+
+Reading image files (:func:`open_image`, :func:`image_array`, :func:`read_image`,
+:func:`open_zip_member`) is also done here, once for training data, evaluation and upscaling:
+16-bit grey is scaled to 8 bits (not clipped), and a file that cannot be used raises
+:class:`ImageError` naming it -- unreadable, corrupt, truncated, or larger than
+:data:`MAX_IMAGE_PIXELS` (checked from the header, before any pixel is decoded; a zip member
+may inflate to at most :data:`BYTES_PER_PIXEL` bytes per allowed pixel, checked before it is
+read). :func:`set_max_image_pixels` raises the cap (the CLI's ``--max-image-pixels``).
 """
 from __future__ import annotations
 
+import io
 import math
 import os
+import warnings
+import zipfile
+import zlib
 
 import numpy as np
 import torch
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+MAX_IMAGE_PIXELS = 1 << 26   # 67 M pixels (8192 x 8192): the default cap on one decoded image
+BYTES_PER_PIXEL = 8          # 16-bit RGBA stored uncompressed: the most an image file needs per pixel
+SAMPLE_MANIFEST = "relaydiff-sample.json"   # what relaydiff sample generated, in its --out folder
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # grey modes holding 0..65535
+# what PIL raises for unreadable or broken files (OSError covers UnidentifiedImageError,
+# truncated data and bad CRCs; SyntaxError and struct errors come from some header parsers)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, zlib.error,
+                  zipfile.BadZipFile, Image.DecompressionBombError)
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used: unreadable, corrupt, truncated or over the size caps."""
+
+
+def set_max_image_pixels(pixels: int) -> None:
+    """Cap decoded images at ``pixels`` (and zip members at ``BYTES_PER_PIXEL * pixels``) for
+    this process, raising PIL's own decompression-bomb limit with it where it is lower."""
+    global MAX_IMAGE_PIXELS
+    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 1:
+        raise ValueError(f"max image pixels must be a positive integer; got {pixels!r}")
+    MAX_IMAGE_PIXELS = pixels
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < pixels:
+        Image.MAX_IMAGE_PIXELS = pixels
+
+
+def _cap_hint() -> str:
+    return f"the cap is {MAX_IMAGE_PIXELS} pixels; raise it with --max-image-pixels"
+
+
+def open_image(source, name: str) -> Image.Image:
+    """``PIL.Image.open`` of a path or encoded bytes, its header checked (no pixel decoded yet).
+    Raises :class:`ImageError` naming ``name`` if PIL cannot identify the file or it has more
+    than :data:`MAX_IMAGE_PIXELS` pixels."""
+    try:
+        with warnings.catch_warnings():   # PIL's bomb warning would be a second stderr line: the cap below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: too large ({e}; {_cap_hint()})") from None
+    except _DECODE_ERRORS as e:
+        raise ImageError(f"{name}: not a readable image ({' '.join(str(e).split()) or type(e).__name__})") from None
+    if im.width * im.height > MAX_IMAGE_PIXELS:
+        im.close()
+        raise ImageError(f"{name}: {im.width}x{im.height} pixels is too large ({_cap_hint()})")
+    return im
+
+
+def image_array(im: Image.Image, name: str, channels: int = 3) -> np.ndarray:
+    """Decode an opened image to uint8 ``[H, W, channels]`` (1: grey, 3: RGB; alpha dropped).
+    16-bit grey (``I;16``, and ``I`` read as 16-bit) becomes ``round(v * 255 / 65535)``: PIL's
+    own conversion clips it, turning most 16-bit photos white. Raises :class:`ImageError`
+    naming ``name`` for corrupt or truncated data."""
+    try:
+        if im.mode in _SIXTEEN_BIT:
+            wide = np.asarray(im).astype(np.float64)
+            im = Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8), "L")
+        elif im.mode == "F":
+            raise ImageError(f"{name}: 32-bit float images have no defined range; convert it to 8 or 16 bits")
+        a = np.array(im.convert("L" if channels == 1 else "RGB"))   # a writable copy
+    except _DECODE_ERRORS as e:
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"{name}: corrupt or truncated image ({' '.join(str(e).split()) or type(e).__name__})") \
+            from None
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def read_image(source, name: str, channels: int = 3, size: tuple[int, int] | None = None) -> np.ndarray:
+    """:func:`open_image` then :func:`image_array`; resized to ``size = (H, W)`` (Lanczos) if given."""
+    with open_image(source, name) as im:
+        a = image_array(im, name, channels)
+    if size is not None and a.shape[:2] != tuple(size):
+        pil = Image.fromarray(a[:, :, 0] if channels == 1 else a)
+        a = np.asarray(pil.resize((size[1], size[0]), Image.LANCZOS))
+        a = a[:, :, None] if a.ndim == 2 else a
+    return a
+
+
+def open_zip_member(zf: zipfile.ZipFile, member: str, name: str):
+    """A seekable stream of an image inside a zip (PIL then reads only what it needs: the
+    header to size it). The size the zip declares is checked first: a member that would
+    inflate to more than ``BYTES_PER_PIXEL * MAX_IMAGE_PIXELS`` is refused unread. Raises
+    :class:`ImageError` naming ``name``."""
+    try:
+        info = zf.getinfo(member)
+        if info.file_size > BYTES_PER_PIXEL * MAX_IMAGE_PIXELS:
+            raise ImageError(f"{name}: inflates to {info.file_size} bytes, more than any image within the cap "
+                             f"needs ({_cap_hint()})")
+        return zf.open(info)
+    except (zipfile.BadZipFile, zlib.error, OSError, KeyError, NotImplementedError, RuntimeError) as e:
+        raise ImageError(f"{name}: corrupt zip member ({' '.join(str(e).split()) or type(e).__name__})") from None
 
 
 def float_to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -62,13 +165,37 @@ def center_square(image: np.ndarray, size: int) -> np.ndarray:
 
 def load_image(path: str, channels: int = 3, size: tuple[int, int] | None = None) -> np.ndarray:
     """Read an image file as ``[H, W, channels]`` uint8 (grey or RGB; alpha is dropped),
-    resized to ``size = (H, W)`` with a Lanczos filter if given."""
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        if size is not None and (im.height, im.width) != tuple(size):
-            im = im.resize((size[1], size[0]), Image.LANCZOS)
-        a = np.asarray(im)
-    return a[:, :, None] if a.ndim == 2 else a
+    resized to ``size = (H, W)`` with a Lanczos filter if given (:func:`read_image`)."""
+    return read_image(path, str(path), channels, size)
+
+
+def write_sample_manifest(folder: str, images: list[str], **extras) -> None:
+    """Write ``folder/relaydiff-sample.json``: ``{"images": [file names], **extras}``, the
+    generated images of the folder (``relaydiff sample`` also writes grid.png and low/ there)."""
+    import json
+    import pathlib
+
+    from relaydiff.models.checkpoint import atomic_write
+    text = json.dumps({"images": list(images), **extras}, indent=1) + "\n"
+    atomic_write(os.path.join(folder, SAMPLE_MANIFEST), lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+def read_sample_manifest(folder: str) -> list[str] | None:
+    """The image names ``folder/relaydiff-sample.json`` lists (None without one); ``ValueError``
+    naming the file for a malformed one or a name outside the folder."""
+    import json
+    path = os.path.join(folder, SAMPLE_MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            names = json.load(f)["images"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ValueError(f"{path}: malformed sample list ({type(e).__name__})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n and os.path.basename(n) == n
+                                                and n not in (".", "..") for n in names):
+        raise ValueError(f"{path}: 'images' must list file names inside {folder!r}")
+    return names
 
 
 def list_images(folder: str) -> list[str]:

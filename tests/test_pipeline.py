@@ -7,6 +7,7 @@ and by the models' checkpoint writer.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -212,7 +213,8 @@ def test_cli_sample(checkpoints, tmp_path, capsys):
                        "--save-low", "--batch", "2", "--quiet")
     assert rc == 0, cap.err
     names = sorted(os.listdir(out))
-    assert names == ["000007.png", "000008.png", "000009.png", "grid.png", "low"]
+    assert names == ["000007.png", "000008.png", "000009.png", "grid.png", "low", "relaydiff-sample.json"]
+    assert json.loads((out / "relaydiff-sample.json").read_text())["images"] == names[:3]
     for name in names[:3]:
         with Image.open(out / name) as im:
             assert im.size == (32, 32) and im.mode == "RGB"
@@ -285,3 +287,63 @@ def test_cli_upscale(checkpoints, tmp_path, capsys):
     rc, cap = _run_cli(capsys, "upscale", "--stage2", str(tmp_path / "missing.safetensors"), "--in", str(src),
                        "--out", str(out2))
     _one_line_error(rc, cap, "--stage2")
+
+
+# ---------------------------------------------------------------- trained top, consistency
+
+def test_relay_grid_never_above_trained_top(capsys):
+    """A relay stage trained with truncation T has seen no level above RelayConfig.sigma_max:
+    the pipeline drops the preset's levels above it with one notice, or refuses."""
+    config = RelayConfig(truncation=0.15)
+    top = config.sigma_max
+    assert 0.08 < top < 0.09                                   # exp(-1.2 + 1.2 Phi^-1(0.15))
+    pipe = RelayPipeline(GaussianDenoiser(8), GaussianDenoiser(32), config, sampler="default")
+    full = RelaySampling().sigmas()                            # starts at 0.865 > top
+    grid = pipe.relay_sigmas()
+    assert float(grid[0]) <= top and torch.equal(grid, full[full <= top])
+    pipe.sample(2, seed=0, disable=True)
+    pipe.super_resolve(torch.zeros(1, 3, 8, 8), seed=0, disable=True)
+    err = capsys.readouterr().err
+    assert err.count("trained up to sigma") == 1 and f"{top:.4g}" in err
+    # a grid that starts at the trained top keeps all its levels and says nothing
+    at_top = SamplerPreset(EDMSampling(steps=4), RelaySampling(steps=5, sigma_max=None))
+    pipe = RelayPipeline(GaussianDenoiser(8), GaussianDenoiser(32), config, sampler=at_top)
+    grid = pipe.relay_sigmas()
+    assert grid.numel() == 6 and float(grid[0]) == pytest.approx(top, rel=1e-12) and float(grid[-1]) == 0
+    pipe.sample(1, seed=0, disable=True)
+    assert pipe.last_nfe["relay"] == 2 * 5 - 1 and capsys.readouterr().err == ""
+    # nothing left below the top: refuse
+    high = SamplerPreset(EDMSampling(steps=4), RelaySampling(steps=3, sigma_min=0.5, sigma_max=80.0))
+    with pytest.raises(PipelineError, match="trained top"):
+        RelayPipeline(GaussianDenoiser(8), GaussianDenoiser(32), config, sampler=high).relay_sigmas()
+    with pytest.raises(ValueError, match="trained_max"):
+        RelaySampling(sigma_max=None).sigmas()
+
+
+def test_consistency_keeps_patch_means():
+    """consistency=True: the output box-downsamples to the input exactly (before clamping),
+    and only the DC coefficients of each prediction change (an orthogonal projection)."""
+    from relaydiff.ops import patch_dct
+    from relaydiff.pipeline import PatchMeanConsistency
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(3, 3, 8, 8, generator=g) * 0.8 - 0.4
+    plain = _pipeline(preset=FAST)
+    kept = RelayPipeline(plain.stage1, plain.stage2, plain.config, sampler=FAST, consistency=True)
+    out_plain = plain.super_resolve(low, seed=1, disable=True)
+    out = kept.super_resolve(low, seed=1, disable=True)
+    pooled = torch.nn.functional.avg_pool2d(out, 4)
+    unclamped = torch.nn.functional.avg_pool2d((out.abs() >= 1).float(), 4) == 0   # clamping moves means
+    assert unclamped.float().mean() > 0.5
+    assert (pooled - low)[unclamped].abs().max() < 1e-5
+    assert (torch.nn.functional.avg_pool2d(out_plain, 4) - low).abs().max() > 1e-2
+    den = PatchMeanConsistency(plain.stage2, low, 4)
+    x = torch.randn(3, 3, 32, 32, generator=g)
+    sigma = torch.full((3,), 0.3)
+    d0, d1 = patch_dct(plain.stage2(x, sigma), 4), patch_dct(den(x, sigma), 4)
+    ac = torch.ones(4, 4, dtype=torch.bool)
+    ac[0, 0] = False
+    ac = ac.repeat(8, 8)
+    torch.testing.assert_close(d1[..., ac], d0[..., ac], rtol=0, atol=1e-5)
+    torch.testing.assert_close(d1[..., ~ac], 4 * low.flatten(-2), rtol=0, atol=1e-5)  # DC = p * mean
+    with pytest.raises(TypeError, match="consistency"):
+        RelayPipeline(plain.stage1, plain.stage2, plain.config, consistency="yes")

@@ -60,13 +60,24 @@ def _blur(tau: float, p: int, m: float) -> torch.Tensor:
     return (1 - m) * torch.exp(-(math.pi ** 2 / p ** 2) * (k[:, None] ** 2 + k[None, :] ** 2) * tau) + m
 
 
-def _relay_oracle(mu, v, sigmas, config, s, fresh, t_truncation=None, heun_last_level=True):
+def _factors(config, sigma, t_truncation=None) -> torch.Tensor:
+    """The blur's factors ``[p, p]`` at noise level ``sigma``: SPEC 2 for ``blur="dct"``; for
+    ``"linear"`` SPEC 2b written out: 1 on DC, ``(1 - m)(1 - w) + m`` elsewhere, ``w = t(sigma)``."""
+    p, m = config.patch_size, config.min_scale
+    if config.blur == "linear":
+        a = torch.full((p, p), (1 - m) * (1 - float(config.t_of_sigma(sigma, t_truncation))) + m,
+                       dtype=torch.float64)
+        a[0, 0] = 1.0
+        return a
+    return _blur(float(config.tau_of_sigma(sigma, t_truncation)), p, m)
+
+
+def _relay_oracle(mu, v, sigmas, config, s, fresh, t_truncation=None, heun_last_level=True, correction="slope"):
     """Exact mean/variance per DCT coefficient of ``sample_relay``'s output on data
     ``u0 ~ N(mu, diag(v))`` with the posterior-mean denoiser, started from the exact
     marginal at ``sigmas[0]``; SPEC 6 step by step."""
     last_nonzero = len(sigmas) - 2 if sigmas[-1] == 0 else len(sigmas) - 1
-    p, m = config.patch_size, config.min_scale
-    a = [_blur(float(t), p, m) for t in config.tau_of_sigma(torch.tensor(sigmas), t_truncation)]
+    a = [_factors(config, level, t_truncation) for level in sigmas]
     mean, var = a[0] * mu, a[0] ** 2 * v + sigmas[0] ** 2
     for i in range(len(sigmas) - 1):
         sc, sn, ac, an = sigmas[i], sigmas[i + 1], a[i], a[i + 1]
@@ -81,8 +92,12 @@ def _relay_oracle(mu, v, sigmas, config, s, fresh, t_truncation=None, heun_last_
             mean, var = u_prop.moments(var)
             continue
         den_prop = mu + (an * v / (an ** 2 * v + sn ** 2)) * (u_prop - an * mu)
-        slope = 0.5 * ((1 / sc) * (u - den) + (1 / sn) * (u_prop - den_prop))
         noise = _Affine(0.0, f=eta) if fresh else _Affine(0.0, e=eta)
+        if correction == "denoised":        # the Euler step with the averaged prediction
+            den_avg = 0.5 * (den + den_prop)
+            mean, var = (A * u + B * (u - den_avg) + noise).moments(var)
+            continue
+        slope = 0.5 * ((1 / sc) * (u - den) + (1 / sn) * (u_prop - den_prop))
         mean, var = (A * u + sc * (B * slope) + noise).moments(var)
     return mean, var
 
@@ -204,7 +219,7 @@ def _gaussian_relay_setup(config, t_truncation=None):
     def denoiser(x, sigma, class_labels=None):
         """Posterior mean E[u0 | u] of u = a u0 + sigma e per coefficient (a: the blur at sigma)."""
         s = float(sigma[0])
-        a = _blur(float(config.tau_of_sigma(s, t_truncation)), p, config.min_scale)
+        a = _factors(config, s, t_truncation)
         h, w = x.shape[-2:]
         a_, mu_, v_ = (_tile(t, h, w) for t in (a, mu, v))
         u = patch_dct(x, p)
@@ -218,19 +233,21 @@ def _start_state(mu, v, sigma0, config, shape, seed, t_truncation=None):
     p = config.patch_size
     g = torch.Generator().manual_seed(seed)
     h, w = shape[-2:]
-    a0 = _tile(_blur(float(config.tau_of_sigma(sigma0, t_truncation)), p, config.min_scale), h, w)
+    a0 = _tile(_factors(config, sigma0, t_truncation), h, w)
     u0 = _tile(mu, h, w) + _tile(v, h, w).sqrt() * torch.randn(shape, generator=g, dtype=torch.float64)
     return patch_idct(a0 * u0 + sigma0 * torch.randn(shape, generator=g, dtype=torch.float64), p)
 
 
-@pytest.mark.parametrize("s_noise, fresh, t_truncation, heun_last",
-                         [(0.2, False, None, True), (0.0, False, None, True), (0.5, False, None, True),
-                          (0.5, True, None, True), (0.5, False, 1.05, True),
+@pytest.mark.parametrize("s_noise, fresh, t_truncation, heun_last, correction",
+                         [(0.2, False, None, True, "slope"), (0.0, False, None, True, "slope"),
+                          (0.5, False, None, True, "slope"), (0.5, True, None, True, "slope"),
+                          (0.5, False, 1.05, True, "slope"),
                           # Euler into the last level: the moments barely move (<2% of the
                           # tolerance), so this checks the variant samples correctly;
                           # test_relay_heun_last_level_variant checks what it computes
-                          (0.2, False, None, False)])
-def test_relay_gaussian_moments(s_noise, fresh, t_truncation, heun_last):
+                          (0.2, False, None, False, "slope"),
+                          (0.2, False, None, True, "denoised"), (0.0, False, None, True, "denoised")])
+def test_relay_gaussian_moments(s_noise, fresh, t_truncation, heun_last, correction):
     """Gaussian data in the patch-DCT domain (alpha = 0): per coefficient, the samples'
     mean and variance match the exact output moments of Algorithm 1 and the data's."""
     config = RelayConfig(alpha=0.0)
@@ -240,12 +257,13 @@ def test_relay_gaussian_moments(s_noise, fresh, t_truncation, heun_last):
     shape = (128, 3, 32, 32)
     x = _start_state(mu, v, float(sigmas[0]), config, shape, seed=11, t_truncation=t_truncation)
     out = sample_relay(denoiser, x, sigmas, config, s_noise=s_noise, fresh_correction_noise=fresh,
-                       t_truncation=t_truncation, heun_last_level=heun_last, seed=5, disable=True)
+                       t_truncation=t_truncation, heun_last_level=heun_last, correction=correction, seed=5,
+                       disable=True)
     samples = _per_coef(patch_dct(out, p), p)
     n = samples.shape[0]
     m_hat, v_hat = samples.mean(0), samples.var(0)
 
-    mean, var = _relay_oracle(mu, v, sigmas.tolist(), config, s_noise, fresh, t_truncation, heun_last)
+    mean, var = _relay_oracle(mu, v, sigmas.tolist(), config, s_noise, fresh, t_truncation, heun_last, correction)
     z = _z(2 * p * p)
     tol_m = z * (var / n).sqrt()
     tol_v = z * var * math.sqrt(2 / (n - 1))                   # sd of a Gaussian sample variance
@@ -279,6 +297,64 @@ def test_relay_oracle_converges_to_data():
         var_err.append(float(((var - v) / v).abs().max()))
     assert all(0.4 < b / a < 0.6 for a, b in zip(mean_err, mean_err[1:])), mean_err
     assert all(b < a for a, b in zip(var_err, var_err[1:])), var_err
+
+
+def _detail_kept(out, x0, a, p):
+    """Regression coefficient of the AC (within-patch) DCT coefficients of ``out`` on the
+    forward marginal's mean ``a * DCT(x0)``: 1 = all the detail the level should hold."""
+    h, w = x0.shape[-2:]
+    target = _tile(a, h, w) * patch_dct(x0, p)
+    ac = torch.ones(p, p, dtype=torch.bool)
+    ac[0, 0] = False
+    ac = ac.repeat(h // p, w // p)
+    u, t = patch_dct(out, p)[..., ac], target[..., ac]
+    return float((u * t).sum() / (t * t).sum())
+
+
+@pytest.mark.parametrize("levels", [[0.865, 0.008], [0.865, 0.3, 0.1, 0.03, 0.008]])
+def test_relay_denoised_correction_keeps_the_marginal(levels):
+    """With the true x0 as denoiser, started on the forward marginal's mean (s = 0): the Euler
+    step and the "denoised" correction land exactly on ``a_n DCT(x0)`` (detail kept = 1), while
+    the paper's slope average keeps only part of the within-patch detail when the blur changes
+    much within a step (one step 0.865 -> 0.008: about half; SPEC 6, "Corrections")."""
+    config = RelayConfig()
+    p = config.patch_size
+    x0 = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2 - 1
+    taus = config.tau_of_sigma(torch.tensor(levels, dtype=torch.float64)).tolist()
+    a0, an = (_blur(t, p, config.min_scale) for t in (taus[0], taus[-1]))
+    x = patch_idct(_tile(a0, 16, 16) * patch_dct(x0, p), p)
+    sig = torch.tensor(levels, dtype=torch.float64)
+    oracle = lambda x, s, c=None: x0.clone()  # noqa: E731
+    kept = {}
+    for corr, heun in (("slope", True), ("denoised", True), ("slope", False)):
+        out = sample_relay(oracle, x, sig, config, s_noise=0.0, correction=corr, heun_last_level=heun,
+                           seed=0, disable=True)
+        kept[(corr, heun)] = _detail_kept(out, x0, an, p)
+    assert abs(kept[("denoised", True)] - 1) < 1e-9
+    if len(levels) == 2:
+        assert abs(kept[("slope", False)] - 1) < 1e-9      # the Euler step alone
+        assert 0.4 < kept[("slope", True)] < 0.6            # the issue measured 0.506
+    else:
+        assert kept[("slope", True)] < 0.99                 # 0.969 on this 4-step grid
+    with pytest.raises(ValueError, match="correction"):
+        sample_relay(oracle, x, sig, config, correction="midpoint", disable=True)
+
+
+def test_relay_denoised_correction_is_more_accurate_on_coarse_grids():
+    """On Gaussian data the exact output moments of the "denoised" correction are closer to
+    the data's than the paper's slope average on coarse grids (a second-order rule in the
+    sampler's natural variables, SPEC 6), and both converge as the grid is refined."""
+    config = RelayConfig(alpha=0.0)
+    mu, v, _ = _gaussian_relay_setup(config)
+    err = {}
+    for corr in ("slope", "denoised"):
+        for levels in (3, 6, 12, 48):
+            sig = karras_sigmas(levels, 0.008, config.sigma_max).tolist()
+            mean, var = _relay_oracle(mu, v, sig, config, 0.0, False, correction=corr)
+            err[corr, levels] = float(((var - v) / v).abs().max()) + float(((mean - mu).abs() / v.sqrt()).max())
+    for levels in (3, 6, 12):
+        assert err["denoised", levels] < err["slope", levels], err
+    assert err["denoised", 48] < err["denoised", 3] and err["slope", 48] < err["slope", 3]
 
 
 def test_relay_init():

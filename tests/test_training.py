@@ -413,3 +413,42 @@ def test_cuda_training(tmp_path, images, stage, amp):
     x = torch.randn(2, 3, 16, 16, device="cuda")
     y = model(x, torch.tensor([0.5, 1.0], device="cuda"), torch.eye(2, device="cuda"))
     assert torch.isfinite(y).all() and (run / "samples" / "step-0000003.png").is_file()
+
+
+# ----------------------------------------------------------------------------- crops
+
+def test_random_crop_windows_are_aligned_sub_images():
+    from relaydiff.training.loop import random_crop
+    torch.manual_seed(0)
+    images = torch.arange(6 * 3 * 16 * 16, dtype=torch.float32).reshape(6, 3, 16, 16)
+    crops = random_crop(images, 8, align=4)
+    assert crops.shape == (6, 3, 8, 8)
+    corners = set()
+    for img, crop in zip(images, crops):
+        (y, x), = [(y, x) for y in range(0, 9, 4) for x in range(0, 9, 4)
+                   if torch.equal(img[:, y:y + 8, x:x + 8], crop)]
+        corners.add((y, x))
+    assert len(corners) > 1                              # windows differ between images
+    torch.manual_seed(0)
+    assert torch.equal(random_crop(images, 8, align=4), crops)   # the global generator seeds it
+
+
+def test_crop_option(images, tmp_path):
+    """A relay stage trained on 8 px crops of 16 px images: the checkpoint is a 16 px model."""
+    relay = RelayConfig(patch_size=2, block_size=2)
+    cfg = tiny_cfg(images, tmp_path / "run", stage="relay", crop=8, relay=relay, steps=2)
+    assert cfg.resolved().crop == 8
+    model, meta = load_model(train(cfg))
+    assert meta["resolution"] == 16 and model.img_resolution == 16
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["crop"] == 8
+    for bad, msg in ((10, "multiple of 4"), (32, "at most the resolution"), (0, "positive")):
+        with pytest.raises(ConfigError, match=msg):
+            tiny_cfg(images, tmp_path / "x", stage="relay", crop=bad, relay=relay).resolved()
+    with pytest.raises(ConfigError, match="patch size"):
+        tiny_cfg(images, tmp_path / "x", stage="relay", resolution=32, crop=4,
+                 relay=RelayConfig(patch_size=8, block_size=4)).resolved()
+    # the short-run relay preset brings its crop, batch and truncation; an explicit crop wins
+    c = TrainConfig(stage="relay", data=str(images), out=str(tmp_path / "y"), preset="tiny-relay", steps=1).resolved()
+    assert (c.crop, c.batch, c.resolution, c.relay.truncation) == (32, 16, 64, 0.15)
+    assert TrainConfig(stage="relay", data=str(images), out=str(tmp_path / "y"), preset="tiny-relay", steps=1,
+                       crop=64).resolved().crop == 64

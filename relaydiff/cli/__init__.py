@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from .common import CLIError
+from .common import CLIError, one_line
 
 # (module, one-line help) in the order `relaydiff --help` lists them
 SUBCOMMANDS: list[tuple[str, str]] = [
@@ -43,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    from relaydiff.images import ImageError
     try:
         return int(args._run(args) or 0)
-    except CLIError as e:
-        print(f"relaydiff {args.command}: error: {e}", file=sys.stderr)
+    except (CLIError, ImageError) as e:   # an unusable image file is the user's to fix wherever it is read
+        print(f"relaydiff {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"relaydiff {args.command}: interrupted", file=sys.stderr)

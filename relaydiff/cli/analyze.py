@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from .common import CLIError, existing_dir
+from .common import CLIError, add_image_limit, apply_image_limit, existing_dir, one_line
 
 OUTPUTS = ("noise_psd.png", "psd.png", "snr.png", "psd.csv", "snr.csv", "summary.json")
 
@@ -29,6 +29,7 @@ def add_parser(subparsers):
     p.add_argument("--max-images", type=int, default=None, help="use at most this many images")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_image_limit(p)
     return p
 
 
@@ -83,8 +84,12 @@ def run(args) -> int:
         import matplotlib  # noqa: F401  (the plots need it; fail before anything is written)
     except ImportError:
         raise CLIError("the plots need matplotlib: pip install 'relaydiff[demo]'") from None
+    apply_image_limit(args)
     n, photos = _photos(args)
-    images = photo_batch(tqdm(photos, total=n, desc="photos", disable=args.quiet), args.resolution)
+    try:
+        images = photo_batch(tqdm(photos, total=n, desc="photos", disable=args.quiet), args.resolution)
+    except ValueError as e:   # an unreadable image, or one too small for --resolution
+        raise CLIError(one_line(e)) from None
     study = frequency_study(images, sigmas=sigmas, factor=args.factor, block_size=args.block_size,
                             num_bins=args.bins, seed=args.seed)
     claims = study.claims()

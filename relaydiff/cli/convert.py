@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import sys
+import warnings
 import zipfile
 
-from .common import CLIError, existing_file
+from .common import CLIError, existing_file, one_line
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,20 +33,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from relaydiff.models import convert_checkpoint
+    from relaydiff.models.convert import UnknownSourceWarning
     existing_file(args.src, "SRC")
     if not args.dst.endswith(".safetensors"):
         raise CLIError(f"DST {args.dst!r} must end with .safetensors")
     if os.path.exists(args.dst) and not args.force:
         raise CLIError(f"DST {args.dst!r} exists (pass --force to overwrite)")
     try:
-        dst, meta = convert_checkpoint(args.src, args.dst, stage=args.stage, relay=args.relay,
-                                       progress=not args.quiet)
-    except (ValueError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnknownSourceWarning)   # printed below, from the metadata
+            # bars only on a terminal, where they are erased: never fragments before an error line
+            dst, meta = convert_checkpoint(args.src, args.dst, stage=args.stage, relay=args.relay,
+                                           progress=not args.quiet and sys.stderr.isatty())
+    except (ValueError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, RecursionError) as e:
         # ForbiddenGlobal is an UnpicklingError, ConversionError a ValueError
-        raise CLIError(f"{args.src}: {e}") from None
+        raise CLIError(f"{args.src}: {one_line(e)}") from None
     net, src = meta["network"], meta["source"]
+    for message in src.get("warnings", ()):
+        print(f"relaydiff convert: warning: {message}", file=sys.stderr)
+    kind = f"{net.get('model_type', 'DhariwalUNet')} under {src['class_name']}"
     relay = f", relay p={meta['relay']['patch_size']} T={meta['relay']['truncation']}" if meta["relay"] else ""
     print(f"{dst}: {meta['stage']} model{relay}, {net['img_resolution']}px, label_dim {net['label_dim']}, "
-          f"channels {net['model_channels']} x {net['channel_mult']}, use_fp16 {src['use_fp16']} "
+          f"{kind}, channels {net['model_channels']} x {net['channel_mult']}, use_fp16 {src['use_fp16']} "
           f"(from {src['format']} {src['file']})")
     return 0

@@ -1,13 +1,14 @@
 """``relaydiff demo``: train a tiny relay cascade on the photos bundled with scikit-image and
 scikit-learn, then sample and super-resolve with it. Needs no arguments and no download.
 
-    relaydiff demo                      # about 10 minutes on 2 CPU cores, writes demo_out/
+    relaydiff demo                      # about 14 minutes on 2 CPU cores, writes demo_out/
     relaydiff demo --minutes 30 --out big_demo/
     relaydiff demo --smoke              # seconds: 2 training steps per stage (CI)
 
 Writes samples.png (16 px stage-1 samples | their nearest upsample, where the relay stage
-starts | the 64 px relay outputs), superres.png (held-out real tiles: 16 px input | relay
-output | ground truth, with PSNR/SSIM), metrics.json, summary.json, the PNGs under
+starts | the 64 px relay outputs), superres.png (held-out real tiles: 16 px input | bicubic |
+relay output | ground truth, with PSNR/SSIM), metrics.json (also the high-frequency spectrum
+error, SWD and consistency), summary.json, the PNGs under
 samples/ and superres/, and the two training runs (base/, relay/: log.jsonl, checkpoints;
 usable with `relaydiff sample` and `relaydiff upscale`). See docs/demo.md.
 """
@@ -20,14 +21,14 @@ from .sample import parse_float, parse_int
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("demo", help="train and sample a tiny relay cascade on bundled photos (~10 min, CPU)",
+    p = subparsers.add_parser("demo", help="train and sample a tiny relay cascade on bundled photos (~14 min, CPU)",
                               description="Train a tiny 16 -> 64 relay cascade on the real photos bundled "
                                           "with scikit-image and scikit-learn, then sample and super-resolve.",
                               epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", metavar="DIR",
                    help="output folder; must not exist or be empty (default demo_out)")
-    p.add_argument("--minutes", default="10", metavar="M",
-                   help="wall-clock budget for the whole demo, data to figures (default 10)")
+    p.add_argument("--minutes", default="14", metavar="M",
+                   help="wall-clock budget for the whole demo, data to figures (default 14)")
     p.add_argument("--smoke", action="store_true",
                    help="seconds: 24 tiles + 8 crops, 2 optimizer steps per stage, short sampler grids "
                    "(ignores --minutes; for CI)")

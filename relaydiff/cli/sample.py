@@ -5,7 +5,9 @@
 writes ``samples/{seed:06d}.png`` for the image seeds ``--seed .. --seed + n - 1`` (the
 images of a batch share its noise draws, so an image is reproduced by the same ``--seed``,
 ``--n`` and ``--batch``), plus ``grid.png`` with ``--grid`` and the stage-1 images under
-``low/`` with ``--save-low``. ``--stage2`` takes several relay checkpoints for a cascade.
+``low/`` with ``--save-low``, and ``relaydiff-sample.json`` naming the samples (so that
+``relaydiff eval --images OUT`` reads only those). ``--out`` must be new or empty.
+``--stage2`` takes several relay checkpoints for a cascade.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import argparse
 import dataclasses
 import os
 
-from .common import CLIError, pick_device
+from .common import CLIError, new_folder, pick_device
 
 
 def parse_int(value: str, flag: str, low: int = 1) -> int:
@@ -57,6 +59,11 @@ def add_sampler_args(p) -> None:
     p.add_argument("--cfg", metavar="W", help="classifier-free guidance scale of the relay stage (1: off)")
     p.add_argument("--s-noise", metavar="S", dest="s_noise",
                    help="relay sampler stochasticity in [0, 1) (the preset's by default, 0.2)")
+    p.add_argument("--correction", choices=["slope", "denoised"],
+                   help="what the relay sampler's Heun step averages: slope (the paper) or denoised (keeps the "
+                        "forward marginal when the blur changes much within a step; default: the preset's)")
+    p.add_argument("--consistency", action="store_true",
+                   help="keep the low-resolution image's patch means: the output box-downsamples to it")
     p.add_argument("--class", metavar="K", dest="class_idx", help="class index for every image "
                    "(class-conditional models; default: random classes from the seed)")
     p.add_argument("--seed", default="0", help="base random seed (default 0)")
@@ -86,6 +93,8 @@ def sampler_preset(args):
     s_noise = parse_float(args.s_noise, "--s-noise", high=1.0)
     if s_noise is not None:
         relay["s_noise"] = s_noise
+    if getattr(args, "correction", None) is not None:
+        relay["correction"] = args.correction
     return dataclasses.replace(preset, relay=dataclasses.replace(preset.relay, **relay))
 
 
@@ -95,11 +104,16 @@ def load_pipeline(stage1: str | None, stage2: list[str], args):
     device = pick_device(args.device)
     try:
         return RelayPipeline.from_checkpoints(stage1, *stage2, which=args.which, device=device,
-                                              sampler=sampler_preset(args))
+                                              sampler=sampler_preset(args),
+                                              consistency=bool(getattr(args, "consistency", False)))
     except PipelineError as e:
         raise CLIError(str(e)) from None
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        # a malformed file's metadata can fail with any of these; none of them is a relaydiff bug
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        files = [f for f in (stage1, *stage2) if f is not None]
+        if not any(f in first for f in files):
+            first = f"{first} (loading {', '.join(files)})"
         raise CLIError(f"cannot load the checkpoints: {first}") from None
 
 
@@ -123,7 +137,7 @@ def add_parser(subparsers):
                    help="stage-1 (base) run directory or checkpoint file")
     p.add_argument("--stage2", required=True, nargs="+", metavar="CKPT",
                    help="relay run directory or checkpoint file (several: a cascade, lowest first)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder; must not exist or be empty")
     p.add_argument("--n", default="16", help="number of images (default 16)")
     p.add_argument("--steps", metavar="N[,N2]",
                    help="grid size of both stages, or stage 1 and relay (relay: before truncation)")
@@ -136,7 +150,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from relaydiff.images import image_grid, save_png, to_uint8
+    from relaydiff.images import image_grid, save_png, to_uint8, write_sample_manifest
 
     n = parse_int(args.n, "--n")
     batch = parse_int(args.batch, "--batch")
@@ -145,8 +159,7 @@ def run(args) -> int:
     sampler_preset(args)  # flag errors before anything is loaded
     stage1 = checkpoint_path(args.stage1, "--stage1")
     stage2 = [checkpoint_path(s, "--stage2") for s in args.stage2]
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out!r} exists and is not a directory")
+    new_folder(args.out, "--out")
     pipe = load_pipeline(stage1, stage2, args)
     labels = class_labels(args, pipe, n)
 
@@ -161,6 +174,9 @@ def run(args) -> int:
             save_png(img, os.path.join(args.out, "low", f"{seed + k:06d}.png"))
     if args.grid:
         save_png(image_grid(high), os.path.join(args.out, "grid.png"))
+    # which files are the samples: `relaydiff eval --images OUT` reads only these, not grid.png or low/
+    write_sample_manifest(args.out, [f"{seed + k:06d}.png" for k in range(n)],
+                          grid="grid.png" if args.grid else None, low="low" if args.save_low else None)
     if not args.quiet:
         nfe = ", ".join(f"{k} {v}" for k, v in pipe.last_nfe.items())
         print(f"wrote {n} images of {high.shape[-1]}px to {args.out} (NFE per batch: {nfe})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .common import CLIError
+from .common import CLIError, add_image_limit, apply_image_limit, check_device
 
 _TRI = {"auto": None, "yes": True, "no": False}
 
@@ -38,6 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"model and hyper-parameter preset (default tiny): {', '.join(PRESETS)}")
     g.add_argument("--resolution", type=int, help="training resolution in px; for the relay stage the high "
                    "resolution (default: the preset's; relay with tiny/small: 16 x patch size)")
+    g.add_argument("--crop", type=int, help="train on random crops of this size in px (convolutional "
+                   "presets; sampling still runs at --resolution; default: the preset's, e.g. tiny-relay: 32)")
     g.add_argument("--labels", choices=list(_TRI), default="auto",
                    help="class labels from top-level sub-folders: auto (when there are >= 2 and every image "
                    "is inside one), yes, no (default auto)")
@@ -72,6 +74,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "memory, 1.5-1.8x the step time on an H100)")
     g.add_argument("--seed", type=int, default=0, help="random seed: weights, data order, noise (default 0)")
 
+    g = p.add_argument_group("base stage noise (paper App. C.2; saved in the checkpoint, so sample uses it too)")
+    g.add_argument("--block-noise", type=float, default=0.0, metavar="ALPHA",
+                   help="train with mixed noise (e + ALPHA Block_s(e2)) / sqrt(1 + ALPHA^2) instead of white "
+                   "noise (paper: 0.15; default 0 = white)")
+    g.add_argument("--block-noise-size", type=int, metavar="S",
+                   help="s: the block size of --block-noise, in [1, 16] (default 4)")
+
     g = p.add_argument_group("relay stage (default: the preset's published settings, else RelayConfig())")
     g.add_argument("--patch-size", type=int, help="p: blur patch = relay up-scaling factor (2, 4, 8, 16)")
     g.add_argument("--alpha", type=float, help="weight of block noise in the mixed noise")
@@ -84,6 +93,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--sigma-floor", type=float, help="smallest training sigma")
     g.add_argument("--normalize-noise", choices=["yes", "no"],
                    help="divide mixed noise by sqrt(1 + alpha^2) (no: the authors' code variant)")
+    g.add_argument("--blur", choices=["dct", "linear"],
+                   help="dct: the paper's patch-DCT blur (default); linear: CogView3's linear blur towards "
+                   "the patch mean (--blur-sigma-max unused; --min-scale 0 for CogView3 exactly)")
 
     g = p.add_argument_group("running")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -101,6 +113,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--sample-count", type=int, default=16, help="images per sample grid (default 16)")
     g.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3; 0: all)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_image_limit(g)
     return p
 
 
@@ -130,8 +143,15 @@ def build_config(args):
         raise CLIError(f"--stage must be 'base' or 'relay'; got {args.stage!r}")
     if args.preset not in PRESETS:
         raise CLIError(f"--preset: unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    check_device(args.device)
+    noise = {}
+    if args.block_noise_size is not None:
+        if args.stage != "base":
+            raise CLIError("--block-noise-size applies only to --stage base (the relay stage's is --block-size)")
+        noise["block_noise_size"] = args.block_noise_size
     cfg = TrainConfig(
         stage=args.stage, data=args.data, out=args.out, preset=args.preset, resolution=args.resolution,
+        crop=args.crop,
         batch=args.batch, accum=args.accum, steps=args.steps, kimg=args.kimg, lr=args.lr,
         warmup_kimg=args.warmup_kimg, ema_halflife_kimg=args.ema_halflife_kimg,
         ema_rampup=args.ema_rampup or None, grad_clip=args.grad_clip, dropout=args.dropout,
@@ -141,7 +161,7 @@ def build_config(args):
         device=args.device, resume=args.resume, quiet=args.quiet, relay=_relay_config(args, PRESETS[args.preset]),
         workers=args.workers, cache=_TRI[args.cache], log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, sample_count=args.sample_count,
-        keep=args.keep)
+        keep=args.keep, block_noise=args.block_noise, **noise)
     try:
         cfg.resolved()
     except ConfigError as e:
@@ -152,6 +172,7 @@ def build_config(args):
 def run(args) -> int:
     from relaydiff.training import ConfigError, train
     cfg = build_config(args)
+    apply_image_limit(args)
     try:
         out = train(cfg)
     except ConfigError as e:

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from .common import CLIError, existing_dir
+from .common import CLIError, add_image_limit, apply_image_limit, existing_dir
 from .sample import add_sampler_args, checkpoint_path, class_labels, load_pipeline, parse_int, parse_steps
 
 
@@ -30,6 +30,7 @@ def add_parser(subparsers):
     p.add_argument("--resize", action="store_true",
                    help="resize inputs (Lanczos) to the size the relay model expects")
     add_sampler_args(p)
+    add_image_limit(p)
     return p
 
 
@@ -39,6 +40,7 @@ def run(args) -> int:
     batch = parse_int(args.batch, "--batch")
     seed = parse_int(args.seed, "--seed", low=0)
     _, steps = parse_steps(args.steps)
+    apply_image_limit(args)
     existing_dir(args.in_dir, "--in")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CLIError(f"--out {args.out!r} exists and is not a directory")

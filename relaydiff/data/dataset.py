@@ -1,6 +1,6 @@
 """Image datasets for training: a folder (searched recursively) or a zip of PNG/JPEG files.
 
-Every image is converted to RGB, centre-cropped to a square and resized (Lanczos) to the
+Every image is converted to RGB (16-bit grey scaled to 8 bits; relaydiff.images), centre-cropped to a square and resized (Lanczos) to the
 stage resolution; images smaller than the resolution are rejected up front. Class labels
 come from the top-level sub-folders (``cat/001.png`` has class ``cat``). With ``xflip`` the
 dataset is twice as long and items ``n..2n-1`` are the mirrored images, so the random
@@ -9,7 +9,6 @@ Items are ``(uint8 [3, R, R], class index)`` (class index 0 when unconditional).
 """
 from __future__ import annotations
 
-import io
 import os
 import pathlib
 import zipfile
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from relaydiff.images import center_square
+from relaydiff.images import center_square, image_array, open_image, open_zip_member
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CACHE_AUTO_BYTES = 256 << 20
@@ -34,7 +33,10 @@ class _Source:
         if self.is_zip:
             if not zipfile.is_zipfile(path):
                 raise ValueError(f"data {str(path)!r} is neither a directory nor a zip file")
-            names = self._zipfile().namelist()
+            try:
+                names = self._zipfile().namelist()
+            except (zipfile.BadZipFile, OSError) as e:
+                raise ValueError(f"data {str(path)!r}: unreadable zip file ({e})") from None
         else:
             if not path.is_dir():
                 raise ValueError(f"data {str(path)!r} does not exist")
@@ -48,9 +50,10 @@ class _Source:
         return self._zip
 
     def open(self, name: str) -> Image.Image:
+        """The image ``name``, its header checked (``ImageError`` naming the file)."""
         if self.is_zip:
-            return Image.open(io.BytesIO(self._zipfile().read(name)))
-        return Image.open(self.path / name)
+            return open_image(open_zip_member(self._zipfile(), name, f"data: {name!r}"), f"data: {name!r}")
+        return open_image(self.path / name, f"data: {name!r}")
 
     def __getstate__(self):
         return {**self.__dict__, "_zip": None}
@@ -104,18 +107,16 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _check_sizes(self, names: list[str]) -> None:
         for n in names:
-            try:
-                with self.source.open(n) as img:
-                    w, h = img.size
-            except Exception as e:   # PIL raises several types for broken files
-                raise ValueError(f"data: cannot read image {n!r}: {e}") from None
+            with self.source.open(n) as img:
+                w, h = img.size
             if min(w, h) < self.resolution:
                 raise ValueError(f"data: image {n!r} is {w}x{h}, smaller than the resolution "
                                  f"{self.resolution}x{self.resolution}")
 
     def _decode(self, i: int) -> np.ndarray:
-        with self.source.open(self.source.names[i]) as img:
-            return center_square(np.asarray(img.convert("RGB")), self.resolution).transpose(2, 0, 1)
+        name = self.source.names[i]
+        with self.source.open(name) as img:
+            return center_square(image_array(img, f"data: {name!r}"), self.resolution).transpose(2, 0, 1)
 
     @property
     def cached(self) -> bool:

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from relaydiff import ops
-from relaydiff.config import RelayConfig
+from relaydiff.config import NoiseConfig, RelayConfig
 
 
 def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
@@ -59,33 +59,42 @@ class _Loss:
 
 
 class EDMLoss(_Loss):
-    """Stage 1 (SPEC 4-5): ``ln sigma ~ N(p_mean, p_std^2)``, ``x_t = x0 + sigma e``."""
+    """Stage 1 (SPEC 4-5): ``ln sigma ~ N(p_mean, p_std^2)``, ``x_t = x0 + sigma n`` with ``n``
+    white (``torch.randn``) or, for ``noise`` with ``alpha > 0``, the mixed block noise of
+    SPEC 3 (paper App. C.2); sample such a model with the same ``noise`` in ``sample_edm``."""
 
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5,
-                 label_dropout: float = 0.0, augment=None):
+                 label_dropout: float = 0.0, augment=None, noise: NoiseConfig | None = None):
         super().__init__(sigma_data, label_dropout, augment)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
+        self.noise = NoiseConfig.of(noise)
 
     def corrupt(self, images):
         sigma = (torch.randn(images.shape[0], device=images.device) * self.p_std + self.p_mean).exp()
-        return images + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(images), sigma
+        # white noise stays torch.randn, so white runs draw exactly what they always drew
+        n = torch.randn_like(images) if self.noise.white else self.noise.draw(images)
+        return images + sigma.reshape(-1, 1, 1, 1) * n, sigma
 
 
 class RelayLoss(_Loss):
-    """Relay stage (SPEC 4-5): ``(sigma, tau)`` from ``relay.sample_training`` (truncated
-    log-normal, blur from the same ``t``), ``x_t = Blur_tau(x0) + sigma n`` with ``n`` the mixed
-    block noise, computed by the fused ``relay_corrupt`` op (``corrupt`` swaps in another
-    implementation with its signature, e.g. ``relaydiff.ops.reference.relay_corrupt``).
-    The target is the unblurred ``x0``; ``images`` are the high-resolution images only."""
+    """Relay stage (SPEC 4-5): ``(sigma, blur)`` from ``relay.sample_training`` (truncated
+    log-normal, blur from the same ``t``), ``x_t = Blur(x0) + sigma n`` with ``n`` the mixed
+    block noise. The blur is ``relay.blur``'s: the fused ``relay_corrupt`` op (patch-DCT blur,
+    ``tau``) or ``linear_relay_corrupt`` (CogView3's linear blur, weight ``w``, SPEC 2b);
+    ``corrupt`` swaps in another implementation with their signature, e.g.
+    ``relaydiff.ops.reference.relay_corrupt``. The target is the unblurred ``x0``; ``images``
+    are the high-resolution images only."""
 
     def __init__(self, relay: RelayConfig, sigma_data: float = 0.5, label_dropout: float = 0.0,
-                 corrupt: Callable[..., torch.Tensor] = ops.relay_corrupt, augment=None):
+                 corrupt: Callable[..., torch.Tensor] | None = None, augment=None):
         super().__init__(sigma_data, label_dropout, augment)
         self.relay = relay
+        if corrupt is None:
+            corrupt = ops.linear_relay_corrupt if relay.blur == "linear" else ops.relay_corrupt
         self._corrupt = corrupt
 
     def corrupt(self, images):
-        sigma, tau = self.relay.sample_training(images.shape[0], device=images.device)
+        sigma, blur = self.relay.sample_training(images.shape[0], device=images.device)
         # the op draws its noise seed from torch's global generator when seed is None
-        x_t = self._corrupt(images, sigma, tau, **self.relay.op_kwargs())
+        x_t = self._corrupt(images, sigma, blur, **self.relay.op_kwargs())
         return x_t, sigma

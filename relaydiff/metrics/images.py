@@ -6,22 +6,21 @@ tensor. Every source yields ``uint8`` batches ``[B, 3, H, W]`` and has a content
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import zipfile
 
 import numpy as np
 import torch
-from PIL import Image
 
 from relaydiff.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from relaydiff.images import float_to_uint8 as to_uint8  # [B, C, H, W] in [-1, 1] -> uint8, layout kept
+from relaydiff.images import SAMPLE_MANIFEST, open_zip_member, read_image, read_sample_manifest
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> uint8 ``[H, W, 3]`` (grey and RGBA converted to RGB)."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.array(im.convert("RGB"), dtype=np.uint8)
+def decode_rgb(data, name: str = "image") -> np.ndarray:
+    """Encoded image bytes (or a file) -> uint8 ``[H, W, 3]`` (grey, 16-bit grey and RGBA
+    converted to RGB; :func:`relaydiff.images.read_image`, whose ``ImageError`` names ``name``)."""
+    return read_image(data, name)
 
 
 class ImageSource:
@@ -65,8 +64,18 @@ def _collate(items):
 
 
 class FolderSource(ImageSource):
+    """The images of a folder, searched recursively -- or, in a ``relaydiff sample`` output
+    folder, only the samples its ``relaydiff-sample.json`` lists (not grid.png, not low/)."""
+
     def __init__(self, path: str):
         self.path = path
+        listed = read_sample_manifest(path)
+        if listed is not None:
+            missing = [n for n in listed if not os.path.isfile(os.path.join(path, n))]
+            if missing:
+                raise ValueError(f"{os.path.join(path, SAMPLE_MANIFEST)} lists {missing[0]!r}, which is missing")
+            self.names = sorted(listed)
+            return
         names = []
         for root, dirs, files in os.walk(path):
             dirs.sort()
@@ -75,8 +84,7 @@ class FolderSource(ImageSource):
         self.names = sorted(names)
 
     def read(self, i: int) -> np.ndarray:
-        with open(os.path.join(self.path, self.names[i]), "rb") as f:
-            return decode_rgb(f.read())
+        return decode_rgb(os.path.join(self.path, self.names[i]), os.path.join(self.path, self.names[i]))
 
     def content_hash(self) -> str:
         h = hashlib.blake2b(digest_size=16)
@@ -96,7 +104,9 @@ class ZipSource(ImageSource):
     def read(self, i: int) -> np.ndarray:
         if self._zip is None:          # opened lazily: one handle per DataLoader worker
             self._zip = zipfile.ZipFile(self.path)
-        return decode_rgb(self._zip.read(self.names[i]))
+        name = f"{self.path}:{self.names[i]}"
+        with open_zip_member(self._zip, self.names[i], name) as f:
+            return decode_rgb(f, name)
 
     def __getstate__(self):
         return {**self.__dict__, "_zip": None}

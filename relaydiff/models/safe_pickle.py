@@ -16,7 +16,9 @@ it before anything is called.
   from ``torch.storage._load_from_bytes`` (a legacy ``torch.save`` blob, parsed here with the
   same allow-list) or from a torch zip file's ``data/<key>`` record (saved from any device);
 * numpy scalars -> Python numbers; ``collections.OrderedDict`` and ``set`` as themselves, and
-  ``_codecs.encode`` (how protocol-2 pickles spell ``bytes``) as a latin-1 encoder.
+  ``_codecs.encode`` (how protocol-2 pickles spell ``bytes``) as a latin-1 encoder;
+* in a TorchScript archive (``torch.jit.save``; :class:`TorchScriptUnpickler`) every scripted
+  class ``__torch__.*`` -> an :class:`ObjectRecord` of its attributes; its code is never run.
 
 Because storages are read only when a :class:`TensorRef` is loaded, the optimizer state and
 the raw training network of an RDM ``.pt`` are parsed as records but their data is never read.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import math
 import os
 import pickle
 import re
@@ -51,8 +54,11 @@ class ForbiddenGlobal(pickle.UnpicklingError):
             "tensor, container and EDM-persistence globals (loading it could run code)")
 
 
+_MALFORMED = "malformed checkpoint: "
+
+
 def _malformed(what: str) -> pickle.UnpicklingError:
-    return pickle.UnpicklingError(f"malformed checkpoint: {what}")
+    return pickle.UnpicklingError(_MALFORMED + what)
 
 
 # -- records -------------------------------------------------------------------------------
@@ -66,23 +72,30 @@ class _NoBuild:
 
 
 class StorageRef(_NoBuild):
-    """A flat storage of ``numel`` elements of ``dtype``; ``read()`` returns its raw
-    little-endian bytes. Nothing is kept in memory between reads: a 500M-parameter network
-    is loaded tensor by tensor, and storages no tensor asks for are never read."""
+    """A flat storage of ``numel`` elements of ``dtype``; ``read(start, stop)`` returns bytes
+    ``[start, stop)`` of its raw little-endian data. Nothing is kept in memory between reads: a
+    500M-parameter network is loaded tensor by tensor, storages no tensor asks for are never
+    read, and a tensor reads only the span of its storage it covers."""
     __slots__ = ("dtype", "numel", "read")
 
-    def __init__(self, dtype: torch.dtype, numel: int, read: Callable[[], bytes] | None = None):
+    def __init__(self, dtype: torch.dtype, numel: int, read: Callable[[int, int], bytes] | None = None):
         self.dtype, self.numel, self.read = dtype, numel, read
 
-    def tensor(self) -> torch.Tensor:
-        """The storage as a new 1-D CPU tensor ``[numel]``."""
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def tensor(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` (default: all) as a new 1-D CPU tensor."""
         if self.read is None:
             raise _malformed("a storage has no data record")
-        raw = self.read()
-        nbytes = self.numel * torch.empty((), dtype=self.dtype).element_size()
+        stop = self.numel if stop is None else stop
+        size = torch.empty((), dtype=self.dtype).element_size()
+        nbytes = (stop - start) * size
+        raw = self.read(start * size, stop * size)
         if len(raw) != nbytes:
             raise _malformed(f"a {self.dtype} storage of {self.numel} elements holds {len(raw)} bytes "
-                             f"(expected {nbytes})")
+                             f"where {nbytes} were expected")
         return torch.frombuffer(bytearray(raw), dtype=self.dtype) if nbytes else torch.empty(0, dtype=self.dtype)
 
 
@@ -97,15 +110,20 @@ class TensorRef(_NoBuild):
     def dtype(self) -> torch.dtype:
         return self.storage.dtype
 
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
     def load(self) -> torch.Tensor:
-        """A new contiguous CPU tensor of :attr:`shape` (reads its storage)."""
-        base = self.storage.tensor()
-        if all(s > 0 for s in self.shape):
-            last = self.offset + sum((n - 1) * st for n, st in zip(self.shape, self.stride))
-            if last >= base.numel():
-                raise _malformed(f"a tensor of shape {self.shape} reaches element {last} of a storage of "
-                                 f"{base.numel()}")
-        return torch.as_strided(base, self.shape, self.stride, self.offset).clone()
+        """A new contiguous CPU tensor of :attr:`shape` (reads the span of its storage it covers)."""
+        if self.numel == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        last = self.offset + sum((n - 1) * st for n, st in zip(self.shape, self.stride))
+        if last >= self.storage.numel:
+            raise _malformed(f"a tensor of shape {self.shape} reaches element {last} of a storage of "
+                             f"{self.storage.numel}")
+        base = self.storage.tensor(self.offset, last + 1)
+        return torch.as_strided(base, self.shape, self.stride, 0).clone()
 
 
 class PersistentRecord(_NoBuild):
@@ -315,7 +333,7 @@ def read_legacy(blob: bytes | memoryview) -> Any:
         offset = start + numel * torch.empty((), dtype=ref.dtype).element_size()
         if offset > len(view):
             raise _malformed("the file ends inside a storage")
-        ref.read = lambda s=start, e=offset: view[s:e]
+        ref.read = lambda a, b, s=start: view[s + a:s + b]
     return obj
 
 
@@ -371,9 +389,11 @@ class RestrictedUnpickler(pickle.Unpickler):
     def load(self):
         try:
             return super().load()
-        except pickle.UnpicklingError:
-            raise
-        except Exception as e:   # a stand-in called with the wrong arguments, truncated input ...
+        except pickle.UnpicklingError as e:
+            if isinstance(e, ForbiddenGlobal) or str(e).startswith(_MALFORMED):
+                raise
+            raise _malformed(f"not a valid pickle ({e})") from None   # "invalid load key", "Memo value ..."
+        except Exception as e:   # a stand-in called with the wrong arguments, truncated input, deep nesting ...
             raise _malformed(f"{type(e).__name__}: {e}") from e
 
     def persistent_load(self, pid):
@@ -407,30 +427,93 @@ def _zip_prefix(zf: zipfile.ZipFile) -> str:
     return heads[0]
 
 
-def _read_torch_zip(zf: zipfile.ZipFile) -> Any:
+def _is_torchscript(zf: zipfile.ZipFile, prefix: str) -> bool:
+    return any(n.startswith(prefix + "code/") or n == prefix + "constants.pkl" for n in zf.namelist())
+
+
+def _read_torch_zip(zf: zipfile.ZipFile, unpickler: type[RestrictedUnpickler]) -> Any:
     prefix = _zip_prefix(zf)
     if prefix + "byteorder" in zf.namelist() and zf.read(prefix + "byteorder").strip() != b"little":
         raise _malformed("big-endian torch files are not supported")
     refs: dict[str, StorageRef] = {}
 
+    def reader(key: str, nbytes: int) -> Callable[[int, int], bytes]:
+        def read(start: int, stop: int) -> bytes:
+            try:
+                info = zf.getinfo(f"{prefix}data/{key}")
+            except KeyError:
+                raise _malformed(f"storage {key!r} has no data record") from None
+            # the size the zip declares, checked before anything is inflated: a member that
+            # inflates to more than its storage needs is refused unread
+            if info.file_size != nbytes:
+                raise _malformed(f"storage {key!r} has {info.file_size} bytes in the file, {nbytes} in its record")
+            with zf.open(info) as f:
+                f.seek(start)
+                return f.read(stop - start)
+        return read
+
     def persistent_load(pid):
         dtype, key, numel, _ = _storage_pid(pid)
         ref = refs.get(key)
         if ref is None:
-            refs[key] = ref = StorageRef(dtype, numel, lambda: zf.read(f"{prefix}data/{key}"))
+            refs[key] = ref = StorageRef(dtype, numel)
+            ref.read = reader(key, ref.nbytes)
         elif (ref.dtype, ref.numel) != (dtype, numel):
             raise _malformed(f"storage {key!r} is described twice differently")
         return ref
 
     with zf.open(prefix + "data.pkl") as f:
-        return RestrictedUnpickler(f, persistent_load).load()
+        return unpickler(f, persistent_load).load()
+
+
+def _typed_list(kind: type) -> Callable[[Any], list]:
+    def build(items):
+        if not isinstance(items, list) or not all(isinstance(v, kind) for v in items):
+            raise _malformed(f"a TorchScript {kind.__name__} list holds other values")
+        return list(items)
+    return build
+
+
+def _restore_type_tag(value, type_str):
+    if not isinstance(type_str, str):
+        raise _malformed("a TorchScript type tag is not text")
+    return value
+
+
+# TorchScript's typed-container helpers (torch.jit._pickle): each only checks and returns its input
+_TORCHSCRIPT_GLOBALS = {
+    "build_intlist": _typed_list(int), "build_doublelist": _typed_list(float),
+    "build_boollist": _typed_list(bool), "restore_type_tag": _restore_type_tag,
+}
+
+
+class TorchScriptUnpickler(RestrictedUnpickler):
+    """Reads a TorchScript archive's ``data.pkl`` as data: each scripted class
+    (``__torch__.<module>.<Name>``) becomes an :class:`ObjectRecord` subclass holding the
+    attributes the file stores (parameters, buffers, sub-modules by name). The archive's
+    ``code/`` is never compiled and no ``__setstate__`` of the file runs, unlike ``torch.jit.load``."""
+
+    def __init__(self, file, persistent_load=None):
+        super().__init__(file, persistent_load)
+        self._classes: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            qualname = f"{module}.{name}"
+            if qualname not in self._classes:
+                self._classes[qualname] = _record_class(qualname)
+            return self._classes[qualname]
+        if module == "torch.jit._pickle" and name in _TORCHSCRIPT_GLOBALS:
+            return _TORCHSCRIPT_GLOBALS[name]
+        return super().find_class(module, name)
 
 
 @contextlib.contextmanager
 def open_checkpoint(path: str | os.PathLike, progress: bool = False) -> Iterator[tuple[str, Any]]:
     """Parse ``path`` with the allow-list and yield ``(kind, obj)``: ``kind`` is ``"pickle"``
-    (an EDM network pickle), ``"torch-zip"`` (``torch.save``, the default format since torch 1.6)
-    or ``"torch-legacy"``; ``obj`` is the top-level object with records in place of tensors and
+    (an EDM network pickle), ``"torch-zip"`` (``torch.save``, the default format since torch 1.6),
+    ``"torch-legacy"`` or ``"torchscript"`` (``torch.jit.save``: read by :class:`TorchScriptUnpickler`,
+    its code never runs); ``obj`` is the top-level object with records in place of tensors and
     network objects. Load :class:`TensorRef` s inside the ``with`` block (zip data is read lazily).
 
     Raises :class:`ForbiddenGlobal` for a global outside the allow-list and
@@ -438,10 +521,17 @@ def open_checkpoint(path: str | os.PathLike, progress: bool = False) -> Iterator
     from tqdm.auto import tqdm
     path = os.fspath(path)
     with open(path, "rb") as f:
-        head = f.read(len(_LEGACY_HEAD))
+        head = f.read(max(len(_LEGACY_HEAD), 9))
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100 << 20:
+        # a safetensors file: 8-byte header length, then the JSON header
+        raise _malformed("this is a safetensors file, not a pickle or torch file (relaydiff weight files "
+                         "load as they are, no conversion needed)")
     if head.startswith(_ZIP_HEAD):
         with zipfile.ZipFile(path) as zf:
-            yield "torch-zip", _read_torch_zip(zf)
+            if _is_torchscript(zf, _zip_prefix(zf)):
+                yield "torchscript", _read_torch_zip(zf, TorchScriptUnpickler)
+            else:
+                yield "torch-zip", _read_torch_zip(zf, RestrictedUnpickler)
         return
     if head == _LEGACY_HEAD:
         with open(path, "rb") as f:

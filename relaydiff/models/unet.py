@@ -10,6 +10,10 @@ Parameter names, shapes and the qkv channel layout are those of EDM's
 * inside a block: ``norm0, conv0, affine, norm1, conv1, skip, norm2, qkv, proj``; resampling
   convolutions carry the buffer ``resample_filter`` ``[1, 1, 2, 2]``.
 
+The building blocks (``Linear``, ``Conv2d``, ``GroupNorm``, ``PositionalEmbedding``, ``UNetBlock``)
+are EDM's union of ADM, DDPM++ and NCSN++ and also make up :class:`~relaydiff.models.SongUNet`.
+Everything runs in float64 when the parameters and the input are float64.
+
 Shapes: ``x`` ``[B, in_channels, R, R]``, ``noise_labels`` ``[B]`` (EDM: ``ln(sigma) / 4``),
 ``class_labels`` ``[B, label_dim]`` or None, ``augment_labels`` ``[B, augment_dim]`` or None;
 output ``[B, out_channels, R, R]``.
@@ -53,21 +57,27 @@ class Linear(nn.Module):
 
 
 class Conv2d(nn.Module):
-    """Optional 2x resampling (``up``: nearest, ``down``: 2x2 average) then a ``kernel x kernel``
-    convolution with 'same' padding; ``kernel = 0`` resamples only.
+    """Optional 2x resampling (``up`` / ``down``) then a ``kernel x kernel`` convolution with
+    'same' padding; ``kernel = 0`` resamples only.
 
-    Resampling modules hold EDM's ``resample_filter`` buffer (the normalised outer product of
-    ``[1, 1]``) so that EDM state dicts load strictly; with that filter EDM's transposed /
-    strided depthwise convolutions are exactly nearest upsampling / average pooling, which is
-    what runs here."""
+    Resampling is EDM's: with ``f = outer(r, r) / sum(r)^2`` for ``resample_filter = r``
+    (the buffer ``resample_filter`` ``[1, 1, k, k]``), ``down`` is the depthwise convolution with
+    ``f`` at stride 2 and ``up`` the depthwise transposed convolution with ``4 f`` at stride 2,
+    both padded by ``(k - 1) // 2``. For ``r = [1, 1]`` (ADM, DDPM++) these are exactly 2x2
+    average pooling and nearest upsampling, which is what runs then; ``[1, 3, 3, 1]`` is NCSN++'s.
+    ``fused_resample`` with ``down`` convolves first, at the high resolution (padding
+    ``kernel // 2 + (k - 1) // 2``), and filters-and-subsamples after: EDM's NCSN++ encoder."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True,
-                 up: bool = False, down: bool = False, init: str = _BOUND):
+                 up: bool = False, down: bool = False, resample_filter: tuple[int, ...] = (1, 1),
+                 fused_resample: bool = False, init: str = _BOUND):
         super().__init__()
         if up and down:
             raise ValueError("Conv2d: up and down are exclusive")
+        if fused_resample and up and kernel:
+            raise ValueError("Conv2d: fused_resample is implemented for down only")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.up, self.down = up, down
+        self.up, self.down, self.fused_resample = up, down, fused_resample
         fan_in = in_channels * kernel * kernel
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, kernel)) if kernel else None
         self.bias = nn.Parameter(torch.empty(out_channels)) if kernel and bias else None
@@ -75,15 +85,33 @@ class Conv2d(nn.Module):
             _init_(self.weight, init, fan_in)
         if self.bias is not None:
             _init_(self.bias, init, fan_in)
-        self.register_buffer("resample_filter", torch.full((1, 1, 2, 2), 0.25) if up or down else None)
+        r = torch.as_tensor(resample_filter, dtype=torch.float32)
+        # from the tuple, not the tensor: the model must also build on the meta device (shapes only)
+        self._box = len(resample_filter) == 2 and resample_filter[0] == resample_filter[1]
+        self.register_buffer("resample_filter", torch.outer(r, r)[None, None] / r.sum().square()
+                             if up or down else None)
+
+    def _depthwise(self, x: torch.Tensor, pad: int) -> torch.Tensor:
+        f = self.resample_filter.to(x.dtype)
+        c = x.shape[1]
+        if self.up:
+            if self._box:
+                return F.interpolate(x, scale_factor=2, mode="nearest")
+            return F.conv_transpose2d(x, f.mul(4).tile(c, 1, 1, 1), groups=c, stride=2, padding=pad)
+        if self._box:
+            return F.avg_pool2d(x, 2)
+        return F.conv2d(x, f.tile(c, 1, 1, 1), groups=c, stride=2, padding=pad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.up:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-        elif self.down:
-            x = F.avg_pool2d(x, 2)
+        w_pad = self.weight.shape[-1] // 2 if self.weight is not None else 0
+        f_pad = (self.resample_filter.shape[-1] - 1) // 2 if self.resample_filter is not None else 0
+        if self.fused_resample and self.down and self.weight is not None:
+            x = self._depthwise(F.conv2d(x, self.weight, padding=w_pad + f_pad), 0)
+            return x if self.bias is None else x + self.bias.reshape(1, -1, 1, 1)
+        if self.up or self.down:
+            x = self._depthwise(x, f_pad)
         if self.weight is not None:
-            x = F.conv2d(x, self.weight, self.bias, padding=self.weight.shape[-1] // 2)
+            x = F.conv2d(x, self.weight, self.bias, padding=w_pad)
         return x
 
 
@@ -95,64 +123,95 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(max(1, min(num_groups, num_channels // min_channels_per_group)), num_channels, eps=eps)
 
 
-class PositionalEmbedding(nn.Module):
-    """Sinusoidal embedding ``[cos(x f_i), sin(x f_i)]``, ``f_i = (1/max_positions)^(i / (C/2))``,
-    ``i = 0..C/2-1``: ``[B] -> [B, C]``."""
+def embedding_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for a float64 input, float32 otherwise (half-precision noise labels are widened:
+    the sinusoids of ``ln(sigma) / 4`` need float32)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    def __init__(self, num_channels: int, max_positions: int = 10000):
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal embedding ``[cos(x f_i), sin(x f_i)]``, ``f_i = (1/max_positions)^(i / d)``,
+    ``i = 0..C/2-1``, ``d = C/2`` (``C/2 - 1`` with ``endpoint``, DDPM++): ``[B] -> [B, C]``,
+    float64 for a float64 ``x``, float32 otherwise."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
         super().__init__()
-        self.num_channels, self.max_positions = num_channels, max_positions
+        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         half = self.num_channels // 2
-        freqs = (1.0 / self.max_positions) ** (torch.arange(half, dtype=torch.float32, device=x.device) / half)
-        arg = x.to(torch.float32)[:, None] * freqs[None, :]
+        dtype = embedding_dtype(x)
+        exponent = torch.arange(half, dtype=dtype, device=x.device) / (half - (1 if self.endpoint else 0))
+        arg = x.to(dtype)[:, None] * ((1.0 / self.max_positions) ** exponent)[None, :]
         return torch.cat([arg.cos(), arg.sin()], dim=1)
 
 
-class UNetBlock(nn.Module):
-    """Residual block with scale-shift conditioning, optional 2x resampling and optional
-    multi-head self-attention (``out_channels // channels_per_head`` heads).
+def label_input(net: nn.Module, class_labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``class_labels`` ``[B, net.label_dim]`` with, in training, each row zeroed with
+    probability ``net.label_dropout`` (classifier-free guidance dropout inside the network)."""
+    if class_labels is None:
+        raise ValueError(f"class_labels [B, {net.label_dim}] are required (label_dim={net.label_dim})")
+    if net.training and net.label_dropout:
+        keep = torch.rand(x.shape[0], 1, device=x.device) >= net.label_dropout
+        return class_labels * keep.to(class_labels.dtype)
+    return class_labels
 
-    ``h = conv0(silu(norm0(x)))``; ``h = silu(shift + norm1(h) * (1 + scale))`` with
-    ``(scale, shift) = affine(emb)``; ``h = conv1(dropout(h)) + skip(x)``; then, with attention,
-    ``h = proj(attn(norm2(h))) + h``."""
+
+class UNetBlock(nn.Module):
+    """EDM's residual block (the union of ADM, DDPM++ and NCSN++): optional 2x resampling and
+    multi-head self-attention (``num_heads``, or ``out_channels // channels_per_head`` heads).
+
+    ``h = conv0(silu(norm0(x)))``; then with ``adaptive_scale`` (ADM) ``h = silu(shift + norm1(h)
+    * (1 + scale))``, ``(scale, shift) = affine(emb)``, else (DDPM++/NCSN++) ``h = silu(norm1(h +
+    affine(emb)))``; ``h = skip_scale * (conv1(dropout(h)) + skip(x))``; then, with attention,
+    ``h = skip_scale * (proj(attn(norm2(h))) + h)``. ``skip`` resamples, and projects when the
+    width changes or ``resample_proj``."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False,
-                 down: bool = False, attention: bool = False, channels_per_head: int = 64,
-                 dropout: float = 0.0):
+                 down: bool = False, attention: bool = False, num_heads: int | None = None,
+                 channels_per_head: int = 64, dropout: float = 0.0, skip_scale: float = 1.0, eps: float = 1e-5,
+                 resample_filter: tuple[int, ...] = (1, 1), resample_proj: bool = False,
+                 adaptive_scale: bool = True):
         super().__init__()
         self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
-        self.num_heads = out_channels // channels_per_head if attention else 0
-        self.dropout = dropout
+        self.num_heads = (num_heads if num_heads is not None else out_channels // channels_per_head) if attention else 0
+        self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
+        resample = dict(up=up, down=down, resample_filter=resample_filter)
 
-        self.norm0 = GroupNorm(in_channels)
-        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down)
-        self.affine = Linear(emb_channels, out_channels * 2)
-        self.norm1 = GroupNorm(out_channels)
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, **resample)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1))
+        self.norm1 = GroupNorm(out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, kernel=3, init=_ZERO)
         self.skip = None
         if out_channels != in_channels or up or down:
-            self.skip = Conv2d(in_channels, out_channels, kernel=1 if out_channels != in_channels else 0,
-                               up=up, down=down)
+            kernel = 1 if resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, **resample)
         if self.num_heads:
-            self.norm2 = GroupNorm(out_channels)
+            self.norm2 = GroupNorm(out_channels, eps=eps)
             self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1)
             self.proj = Conv2d(out_channels, out_channels, kernel=1, init=_ZERO)
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.skip_scale == 1 else x * self.skip_scale
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         orig = x
         x = self.conv0(F.silu(self.norm0(x)))
-        scale, shift = self.affine(emb)[:, :, None, None].to(x.dtype).chunk(2, dim=1)
-        x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+        params = self.affine(emb)[:, :, None, None].to(x.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+        else:
+            x = F.silu(self.norm1(x + params))
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
-        x = x + (self.skip(orig) if self.skip is not None else orig)
+        x = self._scaled(x + (self.skip(orig) if self.skip is not None else orig))
         if self.num_heads:
             b, c, h, w = x.shape
             # EDM's layout: the 3C qkv channels split as (head, channel-in-head, q|k|v)
             q, k, v = self.qkv(self.norm2(x)).reshape(b, self.num_heads, c // self.num_heads, 3, h * w).unbind(3)
             a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-            x = self.proj(a.transpose(-1, -2).reshape(b, c, h, w)) + x
+            x = self._scaled(self.proj(a.transpose(-1, -2).reshape(b, c, h, w)) + x)
         return x
 
 
@@ -243,13 +302,7 @@ class DhariwalUNet(nn.Module):
             emb = emb + self.map_augment(augment_labels)
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None:
-            if class_labels is None:
-                raise ValueError(f"class_labels [B, {self.label_dim}] are required (label_dim={self.label_dim})")
-            labels = class_labels
-            if self.training and self.label_dropout:
-                keep = torch.rand(x.shape[0], 1, device=x.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
-            emb = emb + self.map_label(labels)
+            emb = emb + self.map_label(label_input(self, class_labels, x))
         emb = F.silu(emb)
 
         skips = []

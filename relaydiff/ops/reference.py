@@ -155,7 +155,8 @@ def relay_step_impl(x, denoised, x_prop, denoised_prop, sigma, sigma_next, tau, 
 
 
 # ---------------------------------------------------------------- argument preparation
-# Shared with relaydiff.ops.api: turns public arguments into the op schema's arguments.
+# Shared with relaydiff.ops.api and relaydiff.ops.linear_blur: turns public arguments into the
+# op schema's arguments (``blur_name(s)``: what the blur argument is called in messages).
 
 def prep_transform(x, patch_size, name):
     V.check_image(x, name)
@@ -176,10 +177,10 @@ def prep_blur_factors(tau, patch_size, min_scale):
     return t, p, m
 
 
-def prep_blur(x, tau, patch_size, min_scale):
+def prep_blur(x, tau, patch_size, min_scale, blur_name="tau"):
     x, p = prep_transform(x, patch_size, "x")
     m = V.check_scalar(min_scale, "min_scale", high=1.0, high_inclusive=False)
-    t = V.per_sample(tau, "tau", x.shape[0], x.device)
+    t = V.per_sample(tau, blur_name, x.shape[0], x.device)
     return x, t, p, m
 
 
@@ -190,18 +191,20 @@ def prep_noise(like, alpha, block_size, normalize, seed):
     return like, a, s, bool(normalize), V.check_seed(seed)
 
 
-def prep_corrupt(x0, sigma, tau, patch_size, alpha, block_size, min_scale, normalize, seed):
+def prep_corrupt(x0, sigma, tau, patch_size, alpha, block_size, min_scale, normalize, seed,
+                 blur_name="tau"):
     x0, p = prep_transform(x0, patch_size, "x0")
     b = x0.shape[0]
     sig = V.per_sample(sigma, "sigma", b, x0.device)
-    t = V.per_sample(tau, "tau", b, x0.device)
+    t = V.per_sample(tau, blur_name, b, x0.device)
     _, a, s, nrm, sd = prep_noise(x0, alpha, block_size, normalize, seed)
     m = V.check_scalar(min_scale, "min_scale", high=1.0, high_inclusive=False)
     return x0, sig, t, p, a, s, m, nrm, sd
 
 
 def prep_step(x, denoised, sigma, sigma_next, tau, tau_next, x_prop, denoised_prop,
-              s_noise, patch_size, alpha, block_size, min_scale, normalize, seed):
+              s_noise, patch_size, alpha, block_size, min_scale, normalize, seed,
+              blur_names=("tau", "tau_next")):
     x, p = prep_transform(x, patch_size, "x")
     V.check_like(x, "x", denoised=denoised, x_prop=x_prop, denoised_prop=denoised_prop)
     if (x_prop is None) != (denoised_prop is None):
@@ -209,8 +212,8 @@ def prep_step(x, denoised, sigma, sigma_next, tau, tau_next, x_prop, denoised_pr
     b = x.shape[0]
     sig = V.per_sample(sigma, "sigma", b, x.device, positive=True)
     sig_n = V.per_sample(sigma_next, "sigma_next", b, x.device, positive=x_prop is not None)
-    t = V.per_sample(tau, "tau", b, x.device)
-    t_n = V.per_sample(tau_next, "tau_next", b, x.device)
+    t = V.per_sample(tau, blur_names[0], b, x.device)
+    t_n = V.per_sample(tau_next, blur_names[1], b, x.device)
     sn = V.check_scalar(s_noise, "s_noise", high=1.0)
     _, a, s, nrm, sd = prep_noise(x, alpha, block_size, normalize, seed)
     m = V.check_scalar(min_scale, "min_scale", high=1.0, high_inclusive=False)

@@ -7,17 +7,11 @@ import math
 import torch
 from tqdm.auto import trange
 
-from relaydiff.ops import mixed_noise
+from relaydiff.config import NoiseConfig
 from relaydiff.ops._validate import check_image, check_scalar, check_seed
 
 from .grids import check_sigmas
 from .seeds import derive_seed
-
-
-def white_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
-    """Unit white Gaussian noise shaped like ``like``, a pure function of ``(seed, shape)``
-    (stream 0 of the library's Philox generator)."""
-    return mixed_noise(like, alpha=0.0, block_size=1, seed=seed)
 
 
 def call_denoiser(denoiser, x: torch.Tensor, sigma: float, class_labels, dtype: torch.dtype) -> torch.Tensor:
@@ -31,21 +25,23 @@ def call_denoiser(denoiser, x: torch.Tensor, sigma: float, class_labels, dtype: 
 @torch.no_grad()
 def sample_edm(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=None,
                s_churn: float = 0.0, s_min: float = 0.0, s_max: float = math.inf, s_noise: float = 1.0,
-               seed: int | None = None, callback=None, disable: bool | None = None,
-               return_nfe: bool = False):
+               noise: NoiseConfig | None = None, seed: int | None = None, callback=None,
+               disable: bool | None = None, return_nfe: bool = False):
     """EDM stochastic Heun sampler from ``sigmas[0]`` down the grid ``sigmas``.
 
     ``x`` ``[B, C, H, W]`` is the start state at ``sigmas[0]`` (for generation
-    ``sigmas[0] * white noise``). Step ``i`` (``sigma_i -> sigma_{i+1}``):
+    ``sigmas[0]`` times a draw of ``noise``). Step ``i`` (``sigma_i -> sigma_{i+1}``):
     ``gamma = min(s_churn / N, sqrt(2) - 1)`` if ``s_min <= sigma_i <= s_max`` else 0,
-    ``sigma_hat = (1 + gamma) sigma_i``, ``x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) s_noise e``,
+    ``sigma_hat = (1 + gamma) sigma_i``, ``x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) s_noise n``,
     ``d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat``, Euler ``x' = x_hat + (sigma_{i+1} - sigma_hat) d``
     and, unless ``sigma_{i+1} = 0``, the Heun correction with the slope at ``x'`` averaged in.
     The state is kept in float64; the denoiser sees ``x.dtype``.
 
-    ``denoiser(x, sigma [B], class_labels)`` predicts the clean image. ``seed`` fixes the
-    churn noise (``None``: drawn from torch's global generator). ``callback`` receives
-    ``{step, sigma, sigma_hat, sigma_next, x, denoised, nfe}`` after every step;
+    ``denoiser(x, sigma [B], class_labels)`` predicts the clean image. ``noise``: the
+    :class:`~relaydiff.NoiseConfig` the model was trained with, which draws the churn noise
+    ``n`` (``None``: white; with ``alpha > 0`` the mixed block noise of SPEC 3, paper App. C.2).
+    ``seed`` fixes the churn noise (``None``: drawn from torch's global generator).
+    ``callback`` receives ``{step, sigma, sigma_hat, sigma_next, x, denoised, nfe}`` after every step;
     ``disable`` turns the progress bar off. Returns the image in ``x.dtype``, with the number
     of denoiser calls (``2N - 1`` on a grid of N levels ending in 0) if ``return_nfe``.
     """
@@ -53,6 +49,7 @@ def sample_edm(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=
     sig = check_sigmas(sigmas).tolist()
     check_scalar(s_churn, "s_churn")
     check_scalar(s_noise, "s_noise")
+    noise = NoiseConfig.of(noise)
     seed = check_seed(seed)
     n = len(sig) - 1
     gamma_max = min(s_churn / n, math.sqrt(2.0) - 1.0)
@@ -65,7 +62,7 @@ def sample_edm(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=
         gamma = gamma_max if s_min <= s_cur <= s_max else 0.0
         s_hat = s_cur * (1.0 + gamma)
         if gamma > 0.0:
-            x = x + math.sqrt(s_hat ** 2 - s_cur ** 2) * s_noise * white_noise(x, derive_seed(seed, i))
+            x = x + math.sqrt(s_hat ** 2 - s_cur ** 2) * s_noise * noise.draw(x, derive_seed(seed, i))
         denoised = call_denoiser(denoiser, x, s_hat, class_labels, dtype)
         nfe += 1
         d = (x - denoised) / s_hat

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .grids import karras_sigmas, truncate_sigmas
+from .relay import CORRECTIONS
 
 
 def _check_common(obj) -> None:
@@ -42,10 +43,13 @@ class EDMSampling:
 @dataclasses.dataclass(frozen=True)
 class RelaySampling:
     """Relay-stage settings for :func:`relaydiff.sampling.sample_relay` (SPEC 6). The grid is
-    the Karras grid of ``steps`` levels with the levels ``>= sigma_cut`` dropped."""
+    the Karras grid of ``steps`` levels with the levels ``>= sigma_cut`` dropped.
+    ``sigma_max=None`` starts the grid at the relay stage's trained top, ``RelayConfig.sigma_max``
+    (where its blur is complete, as in the nearest-upsampled start state): all ``steps`` levels
+    are then kept. A pipeline never runs levels above that top (see ``RelayPipeline``)."""
     steps: int = 64                 # levels of the full grid BEFORE truncation
     sigma_min: float = 0.008
-    sigma_max: float = 80.0
+    sigma_max: float | None = 80.0  # None: the relay checkpoint's trained top
     rho: float = 7.0
     sigma_cut: float = 0.9          # the relay stage starts at the first level below this
     s_noise: float = 0.2            # stochasticity s in [0, 1) (0: ODE-like)
@@ -53,19 +57,32 @@ class RelaySampling:
     fresh_correction_noise: bool = False   # True: the authors' code (new noise in the Heun step)
     t_truncation: float | None = None      # T' of t(sigma); None: the RelayConfig's truncation
     heun_last_level: bool = True           # False: Euler into the last nonzero level (SPEC 6 wording)
+    correction: str = "slope"              # Heun average: "slope" (paper) or "denoised" (keeps the marginal)
 
     def __post_init__(self):
         _check_common(self)
         if not 0.0 <= self.s_noise < 1.0:
             raise ValueError(f"s_noise must be in [0, 1); got {self.s_noise!r}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"correction must be one of {CORRECTIONS}; got {self.correction!r}")
 
-    def sigmas(self, device=None) -> torch.Tensor:
-        return truncate_sigmas(karras_sigmas(self.steps, self.sigma_min, self.sigma_max, self.rho, device),
-                               self.sigma_cut)
+    def sigmas(self, device=None, trained_max: float | None = None) -> torch.Tensor:
+        """The grid (float64, ending in 0). ``trained_max``: the relay stage's trained top
+        (``RelayConfig.sigma_max``); required when ``sigma_max`` is None, otherwise unused
+        (the pipeline drops levels above it itself)."""
+        top = self.sigma_max
+        if top is None:
+            if trained_max is None:
+                raise ValueError("this relay grid starts at the checkpoint's trained top (sigma_max=None): "
+                                 "pass trained_max=RelayConfig.sigma_max")
+            top = float(trained_max)
+        grid = karras_sigmas(self.steps, min(self.sigma_min, top), top, self.rho, device)
+        return grid if self.sigma_max is None else truncate_sigmas(grid, self.sigma_cut)
 
     def sampler_kwargs(self) -> dict:
         return dict(s_noise=self.s_noise, fresh_correction_noise=self.fresh_correction_noise,
-                    t_truncation=self.t_truncation, heun_last_level=self.heun_last_level)
+                    t_truncation=self.t_truncation, heun_last_level=self.heun_last_level,
+                    correction=self.correction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +101,12 @@ class SamplerPreset:
 PRESETS: dict[str, SamplerPreset] = {
     # Moderate cost: stage 1 63 NFE, relay 45 NFE (23 levels kept of 64).
     "default": SamplerPreset(),
+    # Short runs (relaydiff demo, the tiny-relay training preset): a relay stage trained with a
+    # low truncation (0.15: sigma <= 0.087) sampled from its trained top down on a few levels,
+    # with the correction that keeps the forward marginal on coarse grids (docs/demo.md).
+    "short": SamplerPreset(
+        EDMSampling(steps=32),
+        RelaySampling(steps=2, sigma_max=None, s_noise=0.0, correction="denoised")),
     # SPEC 9, ImageNet 256: relay 200-step grid, rho 100, cut 0.9 (100 levels kept), s 0.2,
     # CFG 3.5; stage 1 256 steps with churn 40 in [0.05, 50], S_noise 1.003.
     "imagenet256": SamplerPreset(

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from relaydiff.models.checkpoint import LATEST, atomic_write, read_meta, save_weights
+from relaydiff.models.checkpoint import (LATEST, atomic_write, read_latest, read_meta, remove_stale_temporaries,
+                                         save_weights)
 
 _NAME = re.compile(r"^step-(\d{7,})\.safetensors$")
 
@@ -29,7 +30,8 @@ def _state_path(weights: pathlib.Path) -> pathlib.Path:
 def save_checkpoint(run_dir: pathlib.Path, step: int, model: torch.nn.Module, ema: torch.nn.Module,
                     meta: dict[str, Any], state: dict[str, Any], keep: int = 0) -> pathlib.Path:
     """Write step ``step``'s weights and training state, then point ``latest`` at them and
-    delete all but the newest ``keep`` checkpoints (0: keep all)."""
+    delete all but the newest ``keep`` checkpoints (0: keep all) and the temporary files of
+    writes a killed process left behind."""
     d = checkpoint_dir(run_dir)
     weights = d / f"step-{step:07d}.safetensors"
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -37,6 +39,7 @@ def save_checkpoint(run_dir: pathlib.Path, step: int, model: torch.nn.Module, em
     save_weights(weights, tensors, meta)
     atomic_write(_state_path(weights), lambda tmp: torch.save(state, tmp))
     atomic_write(d / LATEST, lambda tmp: pathlib.Path(tmp).write_text(weights.name + "\n"))
+    remove_stale_temporaries(d)   # one process writes a run's checkpoints: any .tmp left is a dead write's
     if keep:
         old = sorted((p for p in d.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
         for p in old[:-keep]:
@@ -51,7 +54,7 @@ def latest_checkpoint(run_dir: pathlib.Path) -> pathlib.Path | None:
     latest = checkpoint_dir(run_dir) / LATEST
     if not latest.is_file():
         return None
-    weights = checkpoint_dir(run_dir) / latest.read_text().strip()
+    weights = read_latest(checkpoint_dir(run_dir))
     if not weights.is_file() or not _state_path(weights).is_file():
         raise FileNotFoundError(f"{latest} names {weights.name}, but it or its .state.pt is missing")
     return weights

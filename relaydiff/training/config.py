@@ -8,7 +8,7 @@ import dataclasses
 import math
 from typing import Any
 
-from relaydiff.config import RelayConfig
+from relaydiff.config import NoiseConfig, RelayConfig
 from relaydiff.models.presets import Preset, get_preset, min_resolution_divisor
 
 STAGES = ("base", "relay")
@@ -27,6 +27,8 @@ class TrainConfig:
     out: str = ""                           # run directory (checkpoints/, samples/, log.jsonl)
     preset: str = "tiny"                    # model + hyper-parameter preset (relaydiff.models.PRESETS)
     resolution: int | None = None           # training resolution; relay: the high resolution
+    crop: int | None = None                 # train on random crop x crop windows of the resolution-size
+                                            # images (None: the preset's, else whole images)
     batch: int | None = None                # images per optimizer step, all processes together
     accum: int = 1                          # gradient-accumulation rounds per optimizer step
     steps: int | None = None                # optimizer steps in total (or give kimg)
@@ -50,6 +52,8 @@ class TrainConfig:
     resume: bool = False                    # continue from OUT/checkpoints/latest
     quiet: bool = False                     # no progress bar
     relay: RelayConfig | None = None        # relay stage settings (None: the preset's or defaults)
+    block_noise: float = 0.0                # base stage: alpha of mixed block noise (paper App. C.2; 0: white)
+    block_noise_size: int = 4               # base stage: its block size s, in [1, 16]
     workers: int | None = None              # DataLoader workers (None: 0 for cached data, else 4)
     cache: bool | None = None               # keep decoded images in memory (None: when <= 256 MiB)
     log_every: int = 50                     # steps between log.jsonl lines
@@ -85,6 +89,8 @@ class TrainConfig:
             c.relay = None
         if c.resolution is None:
             c.resolution = p.resolution * (c.relay.patch_size if p.stage is None and c.relay else 1)
+        if c.crop is None and p.crop is not None and p.crop < c.resolution:
+            c.crop = p.crop
         for name in ("batch", "lr", "warmup_kimg", "ema_halflife_kimg", "label_dropout", "augment"):
             if getattr(c, name) is None:
                 setattr(c, name, getattr(p, name))
@@ -113,12 +119,21 @@ class TrainConfig:
         div = min_resolution_divisor(self.preset)
         if self.resolution % div:
             raise ConfigError(f"resolution {self.resolution} must be a multiple of {div} for preset {self.preset!r}")
+        if self.crop is not None:
+            positive_int("crop")
+            if self.crop > self.resolution or self.crop % div:
+                raise ConfigError(f"crop {self.crop} must be at most the resolution {self.resolution} and a "
+                                  f"multiple of {div} for preset {self.preset!r}")
+            if self.relay is not None and self.crop % self.relay.patch_size:
+                raise ConfigError(f"crop {self.crop} must be a multiple of the relay patch size "
+                                  f"{self.relay.patch_size}")
         if self.relay is not None:
             p = self.relay.patch_size
             if self.resolution % p:
                 raise ConfigError(f"resolution {self.resolution} must be a multiple of the relay patch size {p}")
             if self.relay.block_size > self.resolution:
                 raise ConfigError(f"relay block_size {self.relay.block_size} exceeds the resolution {self.resolution}")
+        self._validate_block_noise()
         if self.steps is None and self.kimg is None and self.minutes is None:
             raise ConfigError("give steps, kimg or minutes (how long to train)")
         if self.steps is not None and self.kimg is not None:
@@ -145,6 +160,26 @@ class TrainConfig:
             raise ConfigError(f"sample_every must be an integer >= -1; got {self.sample_every!r}")
         if not isinstance(self.keep, int) or self.keep < 0:
             raise ConfigError(f"keep must be an integer >= 0; got {self.keep!r}")
+
+    def _validate_block_noise(self) -> None:
+        a, s = self.block_noise, self.block_noise_size
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (a >= 0 and math.isfinite(a)):
+            raise ConfigError(f"block_noise must be a finite number >= 0; got {a!r}")
+        if a > 0 and self.stage != "base":
+            raise ConfigError("block_noise applies to the base stage only; the relay stage's block noise is "
+                              "its RelayConfig's alpha and block_size (--alpha, --block-size)")
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 16:
+            raise ConfigError(f"block_noise_size must be an integer in [1, 16]; got {s!r}")
+        size = self.crop or self.resolution   # the noise is drawn on the (cropped) training images
+        if a > 0 and s > size:
+            raise ConfigError(f"block_noise_size {s} exceeds the training image size {size}")
+
+    def base_noise(self) -> NoiseConfig | None:
+        """The stage-1 noise of a base run (``EDMLoss``/``sample_edm``'s ``noise``); None for
+        the relay stage, whose noise is ``relay``'s."""
+        if self.stage != "base":
+            return None
+        return NoiseConfig(alpha=float(self.block_noise), block_size=self.block_noise_size)
 
     def total_steps(self, batch: int) -> int | None:
         if self.steps is not None:

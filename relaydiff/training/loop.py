@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import pathlib
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from relaydiff.data import ImageDataset, InfiniteSampler, uint8_to_float
 from relaydiff.diffusion import EDMLoss, RelayLoss
+from relaydiff.images import ImageError
 from relaydiff.models import EDMPrecond, build_model, network_kwargs
 from relaydiff.models.checkpoint import atomic_write
 
@@ -45,6 +47,7 @@ def _prepare_run_dir(cfg: TrainConfig) -> pathlib.Path | None:
 def _meta(cfg: TrainConfig, net_kwargs: dict, model: EDMPrecond, step: int, nimg: int, label_dim: int) -> dict:
     return {"stage": cfg.stage, "network": net_kwargs, "precond": model.config(),
             "relay": cfg.relay.to_dict() if cfg.relay is not None else None,
+            "block_noise": cfg.base_noise().to_dict() if cfg.stage == "base" else None,
             "step": step, "kimg": nimg / 1000, "resolution": cfg.resolution, "label_dim": label_dim,
             "preset": cfg.preset}
 
@@ -55,6 +58,16 @@ def _truncate_log(path: pathlib.Path, step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text("".join(ln + "\n" for ln in keep)))
+
+
+def random_crop(images: torch.Tensor, size: int, align: int = 1) -> torch.Tensor:
+    """One random ``size x size`` window per image of ``images`` ``[B, C, R, R]``, its corner on
+    a multiple of ``align`` (the relay patch grid, so a crop's patches are patches of the image).
+    Offsets come from torch's global generator (saved with the checkpoint: resume-exact)."""
+    b, r = images.shape[0], images.shape[-1]
+    slots = (r - size) // align + 1
+    ys, xs = (torch.randint(slots, (2, b)) * align).tolist()
+    return torch.stack([images[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(zip(ys, xs))])
 
 
 @torch.no_grad()
@@ -94,11 +107,56 @@ class _Preview:
 
     def write(self, ema: EDMPrecond, path: pathlib.Path) -> None:
         if self.cfg.stage == "base":
-            rows = [preview.base_samples(ema, self.cfg.sample_count, self.labels, seed=self.cfg.seed)]
+            rows = [preview.base_samples(ema, self.cfg.sample_count, self.labels, seed=self.cfg.seed,
+                                         noise=self.cfg.base_noise())]
         else:
             low, samples = preview.relay_samples(ema, self.real, self.labels, self.cfg.relay, seed=self.cfg.seed)
             rows = [low, samples, self.real]
         preview.save_grid(path, rows)
+
+
+def _batches(loader):
+    """The loader's batches; an unusable image file (``ImageError``, also when a worker process
+    raised it) becomes a ``ConfigError`` naming it."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except ImageError as e:
+            raise ConfigError(str(e)) from None
+        yield batch
+
+
+def _resume(resume_from: pathlib.Path, cfg: TrainConfig, net_kwargs: dict, model, ema, opt, scaler,
+            d: distributed.Dist) -> tuple[int, int, int, int]:
+    """Restore weights, optimizer, scaler and RNG from a checkpoint; returns ``(step, nimg,
+    skipped, data_pos)``. A checkpoint that does not fit this run, or is malformed, raises
+    ``ConfigError`` naming it."""
+    dev = d.device
+    try:
+        tensors, meta, state = load_checkpoint(resume_from)
+        if meta["network"] != net_kwargs or meta["stage"] != cfg.stage:
+            raise ConfigError(f"cannot resume {resume_from}: it was trained with stage {meta['stage']!r} and "
+                             f"network {meta['network']}, this run asks for stage {cfg.stage!r} and {net_kwargs}")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        opt.load_state_dict(state["optimizer"])
+        if state["scaler"]:   # empty when saved without float16 loss scaling
+            scaler.load_state_dict(state["scaler"])
+        step, nimg, skipped = state["step"], state["nimg"], state["skipped"]
+        if state["world"] == d.world:
+            torch.set_rng_state(state["rng"][d.rank])
+            data_pos = state["data_pos"][d.rank]
+        else:   # another process count: a valid continuation, but not the identical one
+            data_pos = step * cfg.batch // d.world
+        if dev.type == "cuda" and state.get("cuda_rng") and state["world"] == d.world:
+            torch.cuda.set_rng_state(state["cuda_rng"][d.rank])
+    except ConfigError:
+        raise
+    except Exception as e:   # a file's values, not code, decide what fails here: any type may be wrong
+        raise ConfigError(f"cannot resume {resume_from}: malformed checkpoint ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]})") from None
+    return step, nimg, skipped, data_pos
 
 
 def train(cfg: TrainConfig) -> pathlib.Path:
@@ -106,7 +164,10 @@ def train(cfg: TrainConfig) -> pathlib.Path:
     :func:`relaydiff.models.load_model`). Bad options or data raise ``ConfigError`` (a
     ``ValueError``) before anything is written."""
     cfg = cfg.resolved()
-    resume_from = _prepare_run_dir(cfg)
+    try:
+        resume_from = _prepare_run_dir(cfg)
+    except (ValueError, OSError) as e:   # a run directory whose checkpoints/latest is broken
+        raise ConfigError(str(e)) from None
     try:
         dataset = ImageDataset(cfg.data, cfg.resolution, xflip=cfg.xflip,
                                labels="auto" if cfg.labels is None else cfg.labels, cache=cfg.cache)
@@ -144,26 +205,11 @@ def _train(cfg: TrainConfig, dataset: ImageDataset, d: distributed.Dist,
 
     step, nimg, skipped, data_pos = 0, 0, 0, 0
     if resume_from is not None:
-        tensors, meta, state = load_checkpoint(resume_from)
-        if meta["network"] != net_kwargs or meta["stage"] != cfg.stage:
-            raise ConfigError(f"cannot resume {resume_from}: it was trained with stage {meta['stage']!r} and "
-                             f"network {meta['network']}, this run asks for stage {cfg.stage!r} and {net_kwargs}")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        opt.load_state_dict(state["optimizer"])
-        if state["scaler"]:   # empty when saved without float16 loss scaling
-            scaler.load_state_dict(state["scaler"])
-        step, nimg, skipped = state["step"], state["nimg"], state["skipped"]
-        if state["world"] == d.world:
-            torch.set_rng_state(state["rng"][d.rank])
-            data_pos = state["data_pos"][d.rank]
-        else:   # another process count: a valid continuation, but not the identical one
-            data_pos = step * cfg.batch // d.world
-        if dev.type == "cuda" and state.get("cuda_rng") and state["world"] == d.world:
-            torch.cuda.set_rng_state(state["cuda_rng"][d.rank])
+        step, nimg, skipped, data_pos = _resume(resume_from, cfg, net_kwargs, model, ema, opt, scaler, d)
 
     augment = GeometricAugment(cfg.augment) if cfg.augment > 0 else None
-    loss_fn = (EDMLoss(label_dropout=cfg.label_dropout, augment=augment) if cfg.stage == "base"
+    loss_fn = (EDMLoss(label_dropout=cfg.label_dropout, augment=augment, noise=cfg.base_noise())
+               if cfg.stage == "base"
                else RelayLoss(cfg.relay, label_dropout=cfg.label_dropout, augment=augment))
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if d.active else model
     net = torch.compile(ddp) if cfg.compile else ddp
@@ -175,7 +221,10 @@ def _train(cfg: TrainConfig, dataset: ImageDataset, d: distributed.Dist,
                                          pin_memory=dev.type == "cuda", persistent_workers=workers > 0,
                                          prefetch_factor=2 if workers else None,
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    batches = iter(loader)
+    batches = _batches(loader)
+    # the first batch is decoded before anything is written: a broken image among the first
+    # ones (or any, when --workers 0 caches them) ends the run with nothing left behind
+    batches = itertools.chain([next(batches)], batches)
 
     previewer = _Preview(cfg, dataset, dev) if d.is_main and cfg.sample_every >= 0 else None
     log_path = run_dir / "log.jsonl"
@@ -218,6 +267,8 @@ def _train(cfg: TrainConfig, dataset: ImageDataset, d: distributed.Dist,
         for r in range(cfg.accum):
             images, labels = next(batches)
             images = uint8_to_float(images.to(dev, non_blocking=True))
+            if cfg.crop is not None and cfg.crop < images.shape[-1]:
+                images = random_crop(images, cfg.crop, cfg.relay.patch_size if cfg.relay else 1)
             onehot = F.one_hot(labels.to(dev), label_dim).float() if label_dim else None
             sync = r == cfg.accum - 1 or not d.active
             with (contextlib.nullcontext() if sync else ddp.no_sync()):

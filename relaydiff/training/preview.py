@@ -2,10 +2,11 @@
 library's samplers (``relaydiff.sampling``).
 
 Base stage: a deterministic 18-step Heun EDM sampler (SPEC 7 without churn) from fixed
-noise. Relay stage: the relay sampler (SPEC 6, ``s = 0``) on a 20-level grid truncated at
-the relay schedule's top, started from box-downsampled real images. Noise comes from fixed
-seeds, so successive grids show the same samples improving, and torch's global RNG is not
-touched (a resumed run stays identical to an uninterrupted one).
+noise of the run's kind (white or block noise). Relay stage: the relay sampler (SPEC 6,
+``s = 0``) on a 20-level grid truncated at the relay schedule's top, started from
+box-downsampled real images. Noise comes from fixed seeds, so successive grids show the
+same samples improving, and torch's global RNG is not touched (a resumed run stays
+identical to an uninterrupted one).
 """
 from __future__ import annotations
 
@@ -15,21 +16,23 @@ import pathlib
 import torch
 import torch.nn.functional as F
 
-from relaydiff.config import RelayConfig
+from relaydiff.config import NoiseConfig, RelayConfig
 from relaydiff.images import image_grid, save_png
 from relaydiff.sampling import (karras_sigmas, nearest_upsample, relay_init, sample_edm, sample_relay,
                                 truncate_sigmas)
 
 
 @torch.no_grad()
-def base_samples(net, n: int, labels: torch.Tensor | None, seed: int = 0, steps: int = 18) -> torch.Tensor:
-    """Deterministic Heun EDM samples ``[n, C, R, R]`` from noise of ``seed``."""
-    g = torch.Generator().manual_seed(seed)
+def base_samples(net, n: int, labels: torch.Tensor | None, seed: int = 0, steps: int = 18,
+                 noise: NoiseConfig | None = None) -> torch.Tensor:
+    """Deterministic Heun EDM samples ``[n, C, R, R]`` from noise of ``seed``, of the kind
+    ``noise`` the model was trained with (``None``: white)."""
+    noise = NoiseConfig.of(noise)
     shape = (n, net.img_channels, net.img_resolution, net.img_resolution)
     dev = next(net.parameters()).device
     sig = karras_sigmas(steps, 0.002, 80.0)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * sig[0]).float().to(dev)
-    return sample_edm(net, x, sig, class_labels=labels, seed=seed, disable=True)
+    x = (noise.draw(torch.empty(shape, dtype=torch.float64), seed) * sig[0]).float().to(dev)
+    return sample_edm(net, x, sig, class_labels=labels, noise=noise, seed=seed, disable=True)
 
 
 @torch.no_grad()
