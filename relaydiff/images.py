@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-MAX_IMAGE_PIXELS = 1 << 26   # 67 M pixels (8192 x 8192): the default cap on one decoded image
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 26   # 67 M pixels (8192 x 8192): the default cap on one decoded image
+MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS   # the cap in force (set_max_image_pixels)
 BYTES_PER_PIXEL = 8          # 16-bit RGBA stored uncompressed: the most an image file needs per pixel
 SAMPLE_MANIFEST = "relaydiff-sample.json"   # what relaydiff sample generated, in its --out folder
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # grey modes holding 0..65535
@@ -142,6 +143,34 @@ def from_uint8(a: np.ndarray) -> torch.Tensor:
     if t.dim() == 3:
         t = t[None]
     return uint8_to_float(t.permute(0, 3, 1, 2))
+
+
+# The authors' post-processing (``img_enhance`` of THUDM/RelayDiffusion's generate_imagenet.py
+# and generate_celebahq.py), applied to every image before their published FIDs were computed:
+# PIL ``ImageEnhance`` operations with their factors, in order. Opt-in (``--post``), since it
+# changes the samples' statistics rather than the model's.
+AUTHORS_ENHANCE = {
+    "authors-enhance-imagenet256": (("Brightness", 1.06),),
+    "authors-enhance-celebahq256": (("Contrast", 0.9), ("Brightness", 1.05), ("Color", 0.99)),
+}
+
+
+def authors_enhance(images: np.ndarray, name: str) -> np.ndarray:
+    """``[B, H, W, C]`` uint8 (C = 1 or 3) -> the same after the authors' enhancement ``name``
+    (a key of :data:`AUTHORS_ENHANCE`), computed by PIL as in their scripts."""
+    from PIL import ImageEnhance
+    if name not in AUTHORS_ENHANCE:
+        raise ValueError(f"unknown post-processing {name!r}; choose one of {sorted(AUTHORS_ENHANCE)}")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise ValueError(f"images must be uint8 [B, H, W, C] with C = 1 or 3; got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    out = []
+    for image in images:
+        pil = Image.fromarray(image[:, :, 0], "L") if image.shape[2] == 1 else Image.fromarray(image, "RGB")
+        for op, factor in AUTHORS_ENHANCE[name]:
+            pil = getattr(ImageEnhance, op)(pil).enhance(factor)
+        out.append(np.asarray(pil).reshape(image.shape))
+    return np.stack(out) if out else images.copy()
 
 
 def save_png(image: np.ndarray, path) -> None:

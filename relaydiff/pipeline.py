@@ -5,10 +5,13 @@ model continues the diffusion at ``patch_size`` times the resolution from them.
 pipeline, which makes a cascade (64 -> 256 -> 1024 is
 ``RelayPipeline(RelayPipeline(base, relay256, cfg256), relay1024, cfg1024)``), or ``None``
 for a pipeline that only super-resolves. Seeds are split deterministically per batch,
-stage and step, so ``(seed, n, batch_size)`` fixes every image.
+stage and step, so ``(seed, n, batch_size)`` fixes every image; with per-image seeds
+(``seeds=[...]``, EDM's convention) image ``i`` depends on ``seeds[i]`` alone.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 
 import torch
@@ -20,7 +23,7 @@ from relaydiff.ops._validate import check_image, check_seed
 
 from .sampling import cfg, get_preset, nearest_upsample, relay_init, sample_edm, sample_relay
 from .sampling.presets import SamplerPreset
-from .sampling.seeds import derive_seed
+from .sampling.seeds import check_seeds, derive_seed, seeded, split_seed
 
 # derive_seed paths: one independent noise source per use
 _LATENT, _BASE, _INIT, _RELAY, _INNER, _LABELS = range(1, 7)
@@ -194,7 +197,10 @@ class RelayPipeline:
             if class_labels is not None:
                 raise ValueError("class_labels given, but the models are unconditional (label_dim 0)")
             return None
-        if class_labels is None:
+        if class_labels is None and isinstance(seed, tuple):   # per-image seeds: a class per seed
+            class_labels = torch.cat([torch.randint(self.label_dim, (1,), generator=torch.Generator()
+                                                    .manual_seed(s)) for s in split_seed(seed, _LABELS)])
+        elif class_labels is None:
             g = torch.Generator().manual_seed(derive_seed(seed, _LABELS))
             class_labels = torch.randint(self.label_dim, (n,), generator=g)
         labels = torch.as_tensor(class_labels)
@@ -223,12 +229,16 @@ class RelayPipeline:
 
     def _sample_base(self, n: int, labels, seed: int, steps, disable) -> torch.Tensor:
         st = self._preset(steps).stage1
-        sigmas = st.sigmas(self.device)
+        # the grid within the levels stage 1 supports (a VP, VE or iDDPM model's sigma_min and
+        # sigma_max attributes), as EDM's generate.py clamps it
+        lo = max(st.sigma_min, float(getattr(self.stage1, "sigma_min", 0.0) or 0.0))
+        hi = min(st.sigma_max, float(getattr(self.stage1, "sigma_max", math.inf) or math.inf))
+        sigmas = dataclasses.replace(st, sigma_min=lo, sigma_max=hi).sigmas(self.device)
         latent = torch.empty((n, *self.low_shape), device=self.device)
-        latent = self.base_noise.draw(latent, derive_seed(seed, _LATENT)) * float(sigmas[0])
+        latent = seeded(self.base_noise.draw, split_seed(seed, _LATENT), latent) * float(sigmas[0])
         x, self.last_nfe["stage1"] = sample_edm(
             cfg(self.stage1, st.cfg), latent, sigmas, class_labels=self._for(self.stage1, labels),
-            noise=self.base_noise, seed=derive_seed(seed, _BASE), disable=disable, return_nfe=True,
+            noise=self.base_noise, seed=split_seed(seed, _BASE), disable=disable, return_nfe=True,
             **st.sampler_kwargs())
         return x
 
@@ -251,26 +261,27 @@ class RelayPipeline:
                 self._warned_top = True
                 print(f"relaydiff: the relay stage was trained up to sigma {top:.4g} (truncation "
                       f"{self.config.truncation}); the sampler's grid starts at {float(sigmas[0]):.4g}, so it "
-                      f"starts at {float(sigmas[above]):.4g} instead ({above} levels dropped)", file=sys.stderr)
+                      f"starts at {float(sigmas[above]):.4g} instead ({above} levels dropped; a grid from the "
+                      "trained top: the 'short' preset or RelaySampling(sigma_max=None))", file=sys.stderr)
             sigmas = sigmas[above:]
         return sigmas
 
     def _relay(self, low: torch.Tensor, labels, seed: int, steps, disable) -> torch.Tensor:
         rs = self._preset(steps).relay
         sigmas = self.relay_sigmas(steps)
-        x = relay_init(low, float(sigmas[0]), self.config, seed=derive_seed(seed, _INIT))
+        x = relay_init(low, float(sigmas[0]), self.config, seed=split_seed(seed, _INIT))
         denoiser = cfg(self.stage2, rs.cfg)
         if self.consistency:
             denoiser = PatchMeanConsistency(denoiser, low, self.config.patch_size)
         x, self.last_nfe["relay"] = sample_relay(
             denoiser, x, sigmas, self.config, class_labels=self._for(self.stage2, labels),
-            seed=derive_seed(seed, _RELAY), disable=disable, return_nfe=True, **rs.sampler_kwargs())
+            seed=split_seed(seed, _RELAY), disable=disable, return_nfe=True, **rs.sampler_kwargs())
         return x
 
     def _generate(self, n: int, labels, seed: int, steps, disable) -> list[torch.Tensor]:
         """``[stage-1 images, relay outputs of every stage up to this one]`` for one batch."""
         if isinstance(self.stage1, RelayPipeline):
-            levels = self.stage1._generate(n, labels, derive_seed(seed, _INNER), steps, disable)
+            levels = self.stage1._generate(n, labels, split_seed(seed, _INNER), steps, disable)
         else:
             levels = [self._sample_base(n, labels, seed, steps, disable)]
         levels.append(self._relay(levels[-1], labels, seed, steps, disable))
@@ -278,12 +289,12 @@ class RelayPipeline:
 
     def _upscale(self, low: torch.Tensor, labels, seed: int, steps, disable) -> torch.Tensor:
         if isinstance(self.stage1, RelayPipeline):
-            low = self.stage1._upscale(low, labels, derive_seed(seed, _INNER), steps, disable)
+            low = self.stage1._upscale(low, labels, split_seed(seed, _INNER), steps, disable)
         return self._relay(low, labels, seed, steps, disable)
 
     # -- public API
-    def sample(self, n: int, class_labels=None, *, steps: int | tuple[int, int] | None = None,
-               seed: int | None = None, batch_size: int = 16, return_low: bool = False,
+    def sample(self, n: int | None = None, class_labels=None, *, steps: int | tuple[int, int] | None = None,
+               seed: int | None = None, seeds=None, batch_size: int = 16, return_low: bool = False,
                disable: bool | None = None):
         """Generate ``n`` images ``[n, C, H, W]`` in [-1, 1] at this pipeline's output resolution.
 
@@ -292,26 +303,31 @@ class RelayPipeline:
         size of both stages, or ``(stage1, relay)``; the relay grid is counted before
         truncation (the preset's ``sigma_cut`` drops its top). ``seed``: ``None`` draws one
         from torch's global generator; batch ``k`` uses seeds derived from ``(seed, k *
-        batch_size)``. ``return_low``: also return the images this relay stage started from
-        (``[n, C, H/p, W/p]``, in [-1, 1]).
+        batch_size)``, its images share each noise draw (one op call per draw: the fastest).
+        ``seeds``: instead, one seed per image (``n`` may then be omitted): image ``i``, its
+        noise and its random class, depend on ``seeds[i]`` alone, whatever ``batch_size`` and
+        the other seeds (EDM's convention: one image of a grid can be regenerated alone; each
+        noise op runs once per image). ``return_low``: also return the images this relay stage
+        started from (``[n, C, H/p, W/p]``, in [-1, 1]).
         """
         if self.base() is None:
             raise PipelineError("this pipeline has no stage-1 model; use super_resolve")
-        n, batch_size = _positive(n, "n"), _positive(batch_size, "batch_size")
-        seed = check_seed(seed)
+        n, seed = _seeding(n, seed, seeds)
+        batch_size = _positive(batch_size, "batch_size")
         labels = self._labels(n, class_labels, seed)
         highs, lows = [], []
         for j in tqdm(range(0, n, batch_size), disable=disable, desc="batches", unit="batch"):
             b = min(batch_size, n - j)
             levels = self._generate(b, None if labels is None else labels[j:j + b],
-                                    derive_seed(seed, j), steps, disable)
+                                    seed[j:j + b] if isinstance(seed, tuple) else derive_seed(seed, j),
+                                    steps, disable)
             highs.append(levels[-1].clamp(-1, 1))
             lows.append(levels[-2].clamp(-1, 1))
         high = torch.cat(highs)
         return (high, torch.cat(lows)) if return_low else high
 
     def super_resolve(self, images_low: torch.Tensor, class_labels=None, *,
-                      steps: int | tuple[int, int] | None = None, seed: int | None = None,
+                      steps: int | tuple[int, int] | None = None, seed: int | None = None, seeds=None,
                       batch_size: int = 16, disable: bool | None = None) -> torch.Tensor:
         """Continue the relay diffusion from given images (paper App. C.3: the relay stage
         also repairs artifacts in its input, since it does not condition on it).
@@ -320,7 +336,7 @@ class RelayPipeline:
         (the size it was trained for, ``low_shape``, works best). In a cascade every relay
         stage runs in turn. Returns ``[B, C, h*P, w*P]`` in [-1, 1]
         with ``P`` the product of the stages' patch sizes. ``steps`` (an int) is the relay
-        grid size before truncation.
+        grid size before truncation. ``seeds``: one seed per input image, as in :meth:`sample`.
         """
         check_image(images_low, "images_low")
         if self.input_shape is not None and images_low.shape[1] != self.input_shape[0]:
@@ -328,14 +344,15 @@ class RelayPipeline:
                              f"got shape {tuple(images_low.shape)}")
         batch_size = _positive(batch_size, "batch_size")
         n = images_low.shape[0]
-        seed = check_seed(seed)
+        n, seed = _seeding(n, seed, seeds, allow_empty=True)
         labels = self._labels(n, class_labels, seed) if n else None
         steps = None if steps is None else (None, steps) if isinstance(steps, int) else steps
         outs = []
         for j in tqdm(range(0, n, batch_size), disable=disable, desc="batches", unit="batch"):
             low = images_low[j:j + batch_size].to(device=self.device, dtype=torch.float32)
             outs.append(self._upscale(low, None if labels is None else labels[j:j + low.shape[0]],
-                                      derive_seed(seed, j), steps, disable).clamp(-1, 1))
+                                      seed[j:j + batch_size] if isinstance(seed, tuple) else derive_seed(seed, j),
+                                      steps, disable).clamp(-1, 1))
         if not outs:
             p = self._total_scale()
             return images_low.new_empty((0, images_low.shape[1], images_low.shape[2] * p,
@@ -370,6 +387,22 @@ class PatchMeanConsistency:
         d = self.denoiser(x, sigma, class_labels)
         p = self.patch_size
         return d - nearest_upsample(F.avg_pool2d(d, p), p) + self.means.to(d.dtype)
+
+
+def _seeding(n, seed, seeds, allow_empty: bool = False) -> tuple[int, int | tuple[int, ...]]:
+    """``(n, seed)`` of ``sample``/``super_resolve``: the checked batch seed, or with ``seeds`` the
+    tuple of per-image seeds (then ``n`` is their number)."""
+    if seeds is None:
+        return (n if allow_empty else _positive(n, "n")), check_seed(seed)
+    if seed is not None:
+        raise ValueError("pass seed (one seed for all batches) or seeds (one per image), not both")
+    if isinstance(seeds, torch.Tensor):
+        seeds = seeds.tolist()
+    if not isinstance(seeds, (list, tuple, range)) or not (seeds or allow_empty):
+        raise ValueError(f"seeds must be a non-empty sequence of integers (one per image); got {seeds!r}")
+    if n is not None and n != len(seeds):
+        raise ValueError(f"seeds must hold one seed per image: {n} images, {len(seeds)} seeds")
+    return len(seeds), check_seeds(list(seeds), len(seeds))
 
 
 def _positive(v, name: str) -> int:

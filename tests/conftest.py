@@ -57,3 +57,14 @@ def box_oracle(g: torch.Tensor, s: int) -> torch.Tensor:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().cpu(), b.double().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.fixture(autouse=True)
+def _restore_image_cap():
+    """``--max-image-pixels`` sets a process-wide cap; a test that lowers it must not leak it."""
+    import relaydiff.images as images
+    from PIL import Image
+    pil = Image.MAX_IMAGE_PIXELS
+    yield
+    images.MAX_IMAGE_PIXELS = images.DEFAULT_MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = pil

@@ -13,9 +13,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
+import pickle
+import re
 import struct
+import subprocess
+import sys
 import warnings
 import zipfile
 import zlib
@@ -23,11 +28,296 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from relaydiff.cli import main
 from relaydiff.config import RelayConfig
 from relaydiff.models import build_model, network_kwargs, save_weights
+
+
+# ============================================================================ the ops
+
+ARG_NAMES = ("x", "u", "like", "x0", "denoised", "x_prop", "denoised_prop", "sigma", "sigma_next", "tau",
+             "tau_next", "patch_size", "block_size", "alpha", "min_scale", "s_noise", "normalize", "seed", "images")
+_NAMED = re.compile(r"\b(" + "|".join(ARG_NAMES) + r")\b")
+CLEAN = (ValueError, TypeError, RuntimeError)
+FLOAT_DTYPES = ["float32", "float64", "float16", "bfloat16"]
+ODD_DTYPES = ["int32", "bool", "complex64", "uint8"]
+SPECIAL = [0.0, -0.0, 1e-3, 0.3, 1.0, 2.5, 80.0, 1e15, -1.0, 5e-324, 1e-300, 1e16, 1e308,
+           math.nan, math.inf, -math.inf]
+# Bounded for CI (the whole module: about a minute on 2 cores). The examples are the same on
+# every run unless RELAYDIFF_FUZZ_RANDOM=1 (then raise RELAYDIFF_FUZZ_EXAMPLES for a long hunt).
+FUZZ = settings(max_examples=int(os.environ.get("RELAYDIFF_FUZZ_EXAMPLES", "80")), deadline=None,
+                suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate],
+                derandomize=os.environ.get("RELAYDIFF_FUZZ_RANDOM", "0") == "0", database=None)
+
+
+def _tensor(spec: dict) -> torch.Tensor:
+    """A tensor from a JSON-able description: shape, dtype, device, layout, value scale."""
+    shape, dtype, layout = list(spec["shape"]), getattr(torch, spec["dtype"]), spec.get("layout", "contiguous")
+    g = torch.Generator().manual_seed(spec.get("seed", 0))
+    if layout == "transposed" and len(shape) >= 2:
+        shape[-1], shape[-2] = shape[-2], shape[-1]
+    elif layout == "sliced" and shape:
+        shape[-1] *= 2
+    base = torch.randn(shape, generator=g, dtype=torch.float64) * spec.get("scale", 1.0)
+    t = base.to(dtype) if dtype.is_floating_point or dtype.is_complex else (base * 10).to(dtype)
+    if layout == "transposed" and len(shape) >= 2:
+        t = t.transpose(-1, -2)
+    elif layout == "sliced" and shape:
+        t = t[..., ::2]
+    elif layout == "channels_last" and t.dim() == 4:
+        t = t.to(memory_format=torch.channels_last)
+    return t.to(spec.get("device", "cpu"))
+
+
+@st.composite
+def image_specs(draw, p=None, batch=None, like=None):
+    """Mostly valid images ([B, C, H, W], H and W multiples of p, a float dtype), sometimes not."""
+    if like is not None and draw(st.integers(0, 9)) < 9:
+        return dict(like, seed=draw(st.integers(0, 1000)))
+    if draw(st.integers(0, 5)) < 5:
+        pp = p if isinstance(p, int) and p in (2, 4, 8, 16) else 4
+        shape = [batch if batch is not None else draw(st.integers(0, 3)), draw(st.integers(1, 3)),
+                 pp * draw(st.integers(0 if draw(st.booleans()) else 1, 3)), pp * draw(st.integers(1, 3))]
+        dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    else:
+        shape = draw(st.lists(st.integers(0, 9), min_size=0, max_size=5))
+        dtype = draw(st.sampled_from(FLOAT_DTYPES + ODD_DTYPES))
+    return dict(shape=shape, dtype=dtype, device=draw(st.sampled_from(["cpu"] * 6 + ["meta"])),
+                layout=draw(st.sampled_from(["contiguous", "channels_last", "transposed", "sliced"])),
+                scale=draw(st.sampled_from([1.0, 1.0, 1e-30, 1e4])), seed=draw(st.integers(0, 1000)))
+
+
+def mostly(valid, invalid, odds: int = 12):
+    """``valid`` ``odds`` times in ``odds + 1``: enough valid calls reach the kernels."""
+    return st.integers(0, odds).flatmap(lambda k: invalid if k == odds else valid)   # simplest: valid
+
+
+def per_sample_values(batch: int):
+    """sigma / tau as the public ops take them: numbers (incl. NaN, inf, denormal, huge),
+    per-sample tensors of the right or a wrong shape or dtype, or not a number at all."""
+    return mostly(
+        st.one_of(st.sampled_from(SPECIAL[:8]), st.lists(st.sampled_from(SPECIAL[:8]), min_size=batch, max_size=batch)
+                  .map(lambda v: {"values": v, "dtype": "float64"})),
+        st.one_of(
+            st.sampled_from(SPECIAL[8:]),
+            st.integers(-2, 5),
+            st.lists(st.sampled_from(SPECIAL), min_size=0, max_size=4).map(
+                lambda v: {"values": v, "dtype": "float32"}),
+            st.sampled_from([None, "0.5", {"values": [1, 2], "dtype": "int64"},
+                             {"values": [[0.5]], "dtype": "float64"}])),
+        odds=3)
+
+
+def _value(v, device="cpu"):
+    if isinstance(v, dict) and "values" in v:
+        return torch.tensor(v["values"], dtype=getattr(torch, v["dtype"]), device=device)
+    if isinstance(v, dict):
+        return _tensor(v)
+    return v
+
+
+PATCH = mostly(st.sampled_from([4, 2, 8, 16]), st.sampled_from([1, 3, 0, -4, 32, 2.0, True, None]))
+BLOCK = mostly(st.sampled_from([4, 1, 2, 3, 16]), st.sampled_from([17, 0, -1, 4.0, None]))
+SCALAR = mostly(st.sampled_from([0.0, 0.15, 0.5, 0.999, 1e-3]),
+                st.sampled_from([1.0, -0.1, 1.5, 1e15, 1e16, math.nan, math.inf, "0.1", None]))
+SEED = mostly(st.sampled_from([None, 0, 1, 7, 2 ** 63 - 1]), st.sampled_from([2 ** 63, -1, True, 1.5, "3"]))
+
+
+OPS = ["patch_dct", "patch_idct", "blur_factors", "patch_blur", "block_noise", "mixed_noise", "relay_corrupt",
+       "relay_step"]
+
+
+@st.composite
+def public_calls(draw, op: str):
+    """``(op, args, kwargs)`` of one call of the public op ``op``, args as JSON-able descriptions."""
+    p = draw(PATCH)
+    img = draw(image_specs(p))
+    b = img["shape"][0] if len(img["shape"]) == 4 else 2
+    if op in ("patch_dct", "patch_idct"):
+        return op, [img, p], {}
+    if op == "blur_factors":
+        return op, [draw(per_sample_values(b))], dict(patch_size=p, min_scale=draw(SCALAR))
+    if op == "patch_blur":
+        return op, [img, draw(per_sample_values(b))], dict(patch_size=p, min_scale=draw(SCALAR))
+    if op == "block_noise":
+        return op, [img], dict(block_size=draw(BLOCK), seed=draw(SEED))
+    noise = dict(alpha=draw(SCALAR), block_size=draw(BLOCK), normalize=draw(st.booleans()), seed=draw(SEED))
+    if op == "mixed_noise":
+        return op, [img], noise
+    if op == "relay_corrupt":
+        return op, [img, draw(per_sample_values(b)), draw(per_sample_values(b))], dict(
+            patch_size=p, min_scale=draw(SCALAR), **noise)
+    heun = draw(st.booleans())
+    other = [draw(image_specs(p, like=img)) for _ in range(3 if heun else 1)]
+    kw = dict(patch_size=p, min_scale=draw(SCALAR), s_noise=draw(SCALAR), **noise)
+    if heun:
+        kw.update(x_prop=other[1], denoised_prop=other[2])
+    sigma, sigma_next, tau, tau_next = (draw(per_sample_values(b)) for _ in range(4))
+    if draw(st.integers(0, 3)) < 3:   # mostly a step down in noise, as samplers take it
+        sigma = draw(st.sampled_from([0.3, 1.0, 2.5, 80.0]))
+        sigma_next = sigma * draw(st.sampled_from([0.0, 0.5, 1.0])) if not heun else sigma / 2
+    return op, [img, other[0], sigma, sigma_next, tau, tau_next], kw
+
+
+def _materialise(args, kwargs):
+    return [_value(a) for a in args], {k: _value(v) for k, v in kwargs.items()}
+
+
+def _assert_same(out: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.shape == want.shape and out.dtype == want.dtype and out.device == want.device
+    if out.device.type == "meta":
+        return
+    assert out.is_contiguous()
+    # the kernels and the twins compute in float32 (float64 for float64) in different orders:
+    # the float32 tolerance is the one tests/test_ops.py uses; half types round once at the end
+    tol = {torch.float64: 1e-9, torch.float32: 2e-4}.get(dtype, 2e-2)
+    scale = max(1.0, float(want.double().abs().nan_to_num(0, 0, 0).max())) if want.numel() else 1.0
+    torch.testing.assert_close(out.double(), want.double(), rtol=tol, atol=tol * scale, equal_nan=True)
+
+
+@pytest.mark.parametrize("op", OPS)
+@FUZZ
+@given(data=st.data())
+def test_public_ops_refuse_cleanly_or_match_the_twin(op, data):
+    from relaydiff import ops
+    from relaydiff.ops import reference
+    name, args, kwargs = data.draw(public_calls(op))
+    a, kw = _materialise(args, kwargs)
+    torch.manual_seed(0)   # seed=None draws from it: the twin below draws the same seed
+    try:
+        out = getattr(ops, name)(*a, **kw)
+    except CLEAN as e:
+        assert _NAMED.search(str(e)), f"{name}: {type(e).__name__} names no argument: {e}"
+        event(f"{name}: refused")
+        a, kw = _materialise(args, kwargs)
+        with pytest.raises(CLEAN):   # the twin validates the same way
+            getattr(reference, name)(*a, **kw)
+        return
+    a, kw = _materialise(args, kwargs)
+    torch.manual_seed(0)
+    want = getattr(reference, name)(*a, **kw)
+    dtype = a[0].dtype if isinstance(a[0], torch.Tensor) else torch.float64
+    _assert_same(out, want, dtype)
+    event(f"{name}: equal to the twin")
+
+
+# -- direct torch.ops.relaydiff calls, in a child process --------------------------------
+
+DIRECT_CHILD = r'''
+import json, math, sys, traceback
+import torch
+sys.path.insert(0, sys.argv[2])
+import test_fuzz as F
+from relaydiff import ops
+from relaydiff.ops import reference as R
+
+def val(v):
+    if isinstance(v, str) and v in ("nan", "inf", "-inf"):
+        return float(v)
+    return F._value(v)
+
+cases = json.load(open(sys.argv[1]))
+for i, (name, args) in enumerate(cases):
+    print(json.dumps({"start": i}), flush=True)
+    a = [val(x) for x in args]
+    try:
+        out = getattr(torch.ops.relaydiff, name)(*a)
+    except Exception as e:
+        print(json.dumps({"i": i, "raised": type(e).__name__, "msg": str(e).splitlines()[0][:300]}), flush=True)
+        continue
+    rec = {"i": i, "shape": list(out.shape), "device": out.device.type}
+    try:
+        want = getattr(R, name + "_impl")(*[val(x) for x in args])
+        F._assert_same(out, want, a[0].dtype)
+        rec["match"] = True
+    except Exception as e:
+        rec["match"] = False
+        rec["why"] = str(e)[:300]
+    print(json.dumps(rec), flush=True)
+'''
+
+
+def _json_float(v):
+    return str(v) if isinstance(v, float) and not math.isfinite(v) else v
+
+
+@st.composite
+def direct_calls(draw, op: str):
+    """``(op, schema arguments)`` of a direct ``torch.ops.relaydiff`` call, JSON-able."""
+    name, args, kw = draw(public_calls(op))
+    if name == "blur_factors":
+        name, args = "patch_blur", [draw(image_specs(4)), args[0]]
+    img = args[0]
+    b = img["shape"][0] if len(img["shape"]) == 4 else 2
+
+    def per_sample():   # the schema wants a tensor [B]: give one, often right, sometimes not
+        return draw(mostly(
+            st.lists(st.sampled_from(SPECIAL[2:8]), min_size=b, max_size=b).map(
+                lambda v: {"values": v, "dtype": "float64"}), st.one_of(
+            st.lists(st.sampled_from(SPECIAL), min_size=b, max_size=b).map(
+                lambda v: {"values": v, "dtype": "float32"}),
+            st.builds(dict, shape=st.just([b]), dtype=st.just("float64"),
+                      device=st.sampled_from(["meta", "cpu"]), scale=st.just(1.0)),
+            st.sampled_from([{"values": [0.5] * (b + 1), "dtype": "float64"}, {"values": [[0.5]], "dtype": "float64"},
+                             {"values": [1] * b, "dtype": "int64"}])), odds=4))
+
+    p = draw(mostly(st.sampled_from([4, 2, 8, 16]), st.sampled_from([3, 0, -4])))
+    m = draw(mostly(st.sampled_from([1e-3, 0.0, 0.5]), st.sampled_from([-0.1, 1.0, math.nan])))
+    alpha = draw(mostly(st.sampled_from([0.0, 0.15, 1e15]), st.sampled_from([-1.0, math.inf, math.nan])))
+    s = draw(mostly(st.sampled_from([4, 1, 2, 16]), st.sampled_from([17, 0, -3])))
+    seed = draw(mostly(st.sampled_from([0, 1, 12345, 2 ** 62]), st.just(-1)))
+    nrm = draw(st.booleans())
+    if name in ("patch_dct", "patch_idct"):
+        out = [img, p]
+    elif name == "patch_blur":
+        out = [img, per_sample(), p, m]
+    elif name == "block_noise":
+        out = [img, s, seed]
+    elif name == "mixed_noise":
+        out = [img, alpha, s, nrm, seed]
+    elif name == "relay_corrupt":
+        out = [img, per_sample(), per_sample(), p, alpha, s, m, nrm, seed]
+    else:
+        heun = draw(st.booleans())
+        others = [draw(image_specs(4, like=img)) for _ in range(3)]
+        out = [img, others[0], others[1] if heun else None, others[2] if heun else None,
+               per_sample(), per_sample(), per_sample(), per_sample(),
+               draw(mostly(st.sampled_from([0.2, 0.0, 1.0]), st.sampled_from([1.5, math.nan]))), p, alpha, s, m, nrm,
+               seed]
+    return name, [_json_float(v) for v in out]
+
+
+@settings(FUZZ, max_examples=int(os.environ.get("RELAYDIFF_FUZZ_BATCHES", "5")), phases=[Phase.generate])
+@given(batch=st.tuples(*[st.lists(direct_calls(op), min_size=5, max_size=5) for op in OPS]).map(
+    lambda groups: [call for group in groups for call in group]))
+def test_direct_op_calls_never_crash_and_refuse_cleanly_or_match_the_twin(batch, tmp_path_factory):
+    from relaydiff.ops import _ext
+    if not _ext.loaded():
+        pytest.skip("relaydiff._C is not built: there are no direct ops")
+    path = tmp_path_factory.mktemp("direct") / "cases.json"
+    path.write_text(json.dumps(batch))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", DIRECT_CHILD, str(path), str(pathlib.Path(__file__).parent)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    started = [r["start"] for r in records if "start" in r]
+    assert proc.returncode == 0, (f"the child died (status {proc.returncode}) in case {started[-1] if started else None}: "
+                                  f"{batch[started[-1]] if started else None}\n{proc.stderr[-2000:]}")
+    for r in (r for r in records if "i" in r):
+        case = batch[r["i"]]
+        if "raised" in r:
+            assert r["raised"] in ("RuntimeError", "ValueError", "TypeError"), (case, r)
+            assert _NAMED.search(r["msg"]) or "Expected a value of type" in r["msg"], (case, r)
+        else:
+            assert r["match"], (case, r)
+    done = [r for r in records if "i" in r]
+    assert len(done) == len(batch)
+    # not a suite that passes by refusing everything: a good share reach a kernel and match
+    assert sum(1 for r in done if r.get("match")) >= len(batch) // 10, [r for r in done if "raised" in r][:5]
 
 
 # ============================================================================ command line
@@ -126,6 +416,14 @@ def inputs(tmp_path_factory):
     f["state"] = str(root / "step-0000001.state.pt")
     f["garbage"] = str(root / "garbage.pkl")
     pathlib.Path(f["garbage"]).write_bytes(bytes(range(256)) * 4)
+    for name, latest, state in (("run_malformed", "step-0000001.safetensors", b"\x80\x02}q\x00."),
+                                ("run_escape", "../../base.safetensors", None)):
+        ckpts = root / name / "checkpoints"
+        ckpts.mkdir(parents=True)
+        (ckpts / "latest").write_text(latest + "\n")
+        _weights(ckpts / "step-0000001.safetensors", "base", 16)
+        (ckpts / "step-0000001.state.pt").write_bytes(state or b"")   # an empty dict, not a training state
+        f[name] = str(root / name)
     used = root / "used"
     used.mkdir()
     (used / "keep.txt").write_text("an earlier run's file\n")
@@ -152,6 +450,11 @@ CLI_CASES = [
     ("train-zip-corrupt", T + "--data {zip_corrupt}", ["2.png"]),
     ("train-zip-inflates", T + "--data {zip_big} --max-image-pixels 1000",
      ["big.png", "--max-image-pixels"]),
+    ("train-resume-malformed", "train --stage base --steps 2 --device cpu --quiet --resolution 16 --resume "
+     "--data {good} --out {run_malformed}", ["cannot resume", "malformed"]),
+    ("train-resume-escape", "train --stage base --steps 2 --device cpu --quiet --resolution 16 --resume "
+     "--data {good} --out {run_escape}", ["latest", "../../base.safetensors"]),
+    ("sample-escape", "sample --stage1 {run_escape} --stage2 {relay} --out {out} --device cpu", ["latest"]),
     ("train-bad-cap", T + "--data {good} --max-image-pixels 0", ["--max-image-pixels"]),
     ("sample-device", "sample --stage1 {base} --stage2 {relay} --out {out} --device gpu", ["--device"]),
     ("sample-config-json", "sample --stage1 {config} --stage2 {relay} --out {out} --device cpu", ["config.json"]),
@@ -174,6 +477,7 @@ CLI_CASES = [
     ("convert-garbage", "convert {garbage} {out}.safetensors", ["garbage.pkl"]),
     ("convert-config", "convert {config} {out}.safetensors", ["config.json"]),
     ("demo-device", "demo --out {out} --device gpu --smoke", ["--device"]),
+    ("study-device", "study --out {out} --device gpu --smoke", ["--device"]),
 ]
 
 
@@ -195,3 +499,89 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(case, inputs, tmp_path
         assert w in err, (w, err)
     assert list(tmp_path.iterdir()) == [], "files written: " + str(list(tmp_path.rglob("*")))
     assert _all_files(inputs["root"]) == before
+
+
+# ============================================================================ malicious and broken files
+
+# what a loader may raise for a file it cannot use: each names the file or the defect
+FILE_ERRORS = (ValueError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile)
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory):
+    """One small valid file per format a loader reads: relaydiff .safetensors, a torch.save zip
+    and a legacy torch.save of a state dict, and a TorchScript archive."""
+    root = tmp_path_factory.mktemp("files")
+    state = {"layers.conv.weight": torch.randn(4, 3, 3, 3), "output.weight": torch.randn(5, 4)}
+    torch.save(state, root / "zip.pt")
+    torch.save(state, root / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 4, 3)), str(root / "script.pt"))
+    return {name: (root / f).read_bytes() for name, f in [("zip", "zip.pt"), ("legacy", "legacy.pt"),
+                                                           ("script", "script.pt")]} | {
+        "safetensors": pathlib.Path(_weights(root / "w.safetensors", "base", 8)).read_bytes()}
+
+
+@st.composite
+def mutations(draw, size: int):
+    """Byte-level damage: flipped bytes, a truncation, a spliced run of bytes, or several."""
+    edits = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["flip", "truncate", "splice", "zero"]))
+        at = draw(st.integers(0, max(0, size - 1)))
+        edits.append((kind, at, draw(st.binary(min_size=1, max_size=16))))
+    return edits
+
+
+def _damage(blob: bytes, edits) -> bytes:
+    b = bytearray(blob)
+    for kind, at, data in edits:
+        at = min(at, max(0, len(b) - 1))
+        if kind == "flip" and b:
+            b[at] ^= data[0] or 1
+        elif kind == "truncate":
+            del b[at:]
+        elif kind == "splice":
+            b[at:at] = data
+        elif kind == "zero":
+            b[at:at + len(data)] = bytes(len(b[at:at + len(data)]))
+    return bytes(b)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "zip", "legacy", "script"])
+@settings(FUZZ, max_examples=int(os.environ.get("RELAYDIFF_FUZZ_FILES", "15")))
+@given(data=st.data())
+def test_damaged_files_fail_cleanly_in_every_loader(fmt, weight_files, data, tmp_path_factory):
+    """Every loader of a user-named file (load_model, convert, the Inception reader) either
+    reads a damaged file or refuses it with a clean error: no other exception type, no hang."""
+    from relaydiff.metrics import load_inception
+    from relaydiff.models import convert_release, load_model
+    blob = _damage(weight_files[fmt], data.draw(mutations(len(weight_files[fmt]))))
+    path = tmp_path_factory.mktemp("damaged") / f"file.{'safetensors' if fmt == 'safetensors' else 'pt'}"
+    path.write_bytes(blob)
+    for load in (load_model, lambda p: convert_release(p, stage="base"), load_inception):
+        try:
+            load(path)
+        except FILE_ERRORS as e:
+            assert str(e), type(e)
+
+
+def _nested_pickle(depth: int, opener: bytes, closer: bytes) -> bytes:
+    return b"\x80\x04" + opener * depth + closer * depth + b"."
+
+
+@pytest.mark.parametrize("blob", [
+    _nested_pickle(100_000, b"]", b""),                                   # lists inside lists, unclosed
+    b"\x80\x04" + b"]" * 50_000 + b"a" * 49_999 + b".",                  # 50k nested lists
+    b"\x80\x04" + b"}\x8c\x03ema" * 50_000 + b"}" + b"s" * 50_000 + b".",  # {"ema": {"ema": ...}}
+    b"\x80\x04\x8c\x05posix\x8c\x06system\x93\x8c\x04true\x85R.",          # os.system("true")
+    b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93\x8c\x011\x85R.",            # eval("1")
+    bytes(range(256)) * 8,
+], ids=["unclosed", "deep-lists", "deep-dicts", "system", "eval", "garbage"])
+def test_hostile_pickles_are_refused(blob, tmp_path):
+    from relaydiff.metrics import load_inception
+    from relaydiff.models import convert_release
+    path = tmp_path / "hostile.pkl"
+    path.write_bytes(blob)
+    for load in (lambda p: convert_release(p, stage="base"), load_inception):
+        with pytest.raises(FILE_ERRORS):
+            load(path)

@@ -183,3 +183,68 @@ def test_eval_reads_only_what_a_sample_folder_lists(tmp_path):
     (d / "relaydiff-sample.json").write_text("[" * 100000)
     with pytest.raises(ValueError, match="malformed"):
         open_images(str(d))
+
+
+# ------------------------------------------------------------------ ops: autograd, compile, limits
+
+OPS_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("heun", [False, True])
+def test_relay_step_gradient_equals_the_twins(heun):
+    from relaydiff import ops
+    from relaydiff.ops import reference
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g) for _ in range(4)]
+    sigma, sigma_next = torch.tensor([1.0, 0.7], dtype=torch.float64), torch.tensor([0.5, 0.3], dtype=torch.float64)
+    weight = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
+    grads = []
+    for impl in (ops.relay_step, reference.relay_step):   # the twin: plain PyTorch autograd
+        leaves = [t.clone().requires_grad_() for t in imgs]
+        extra = dict(x_prop=leaves[2], denoised_prop=leaves[3]) if heun else {}
+        (impl(leaves[0], leaves[1], sigma, sigma_next, 0.5, 0.3, seed=3, **extra) * weight).sum().backward()
+        grads.append([t.grad for t in leaves[:4 if heun else 2]])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    x = imgs[0].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ops.relay_step(t, imgs[1], sigma, sigma_next, 0.5, 0.3, seed=3), (x,))
+
+
+@pytest.mark.parametrize("device", OPS_DEVICES)
+def test_compile_fullgraph_with_drawn_seeds_equals_eager(device):
+    from relaydiff import ops
+
+    def f(x):   # every noise op with seed=None, two calls of one op among them
+        sig = torch.full((x.shape[0],), 0.8, dtype=torch.float64, device=x.device)
+        xt = ops.relay_corrupt(x, sig, 0.5) + ops.block_noise(x) + ops.block_noise(x)
+        return ops.relay_step(xt, x, sig, sig * 0.5, 0.5, 0.25) + ops.mixed_noise(x, alpha=0.3, normalize=False)
+
+    x = torch.randn(2, 3, 8, 8, device=device)
+    compiled = torch.compile(f, fullgraph=True)
+    torch.manual_seed(11)
+    want = [f(x), f(x)]
+    torch.manual_seed(11)
+    got = [compiled(x), compiled(x)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)   # the same drawn seeds: identical values
+    assert not torch.equal(got[0], got[1])   # and a fresh seed per call
+
+
+def test_value_limits_and_step_direction():
+    from relaydiff import ops
+    x = torch.zeros(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="sigma_next must not exceed sigma"):
+        ops.relay_step(x, x, 0.5, 0.6, 0.2, 0.1, seed=0)
+    with pytest.raises(ValueError, match="alpha"):
+        ops.mixed_noise(x, alpha=1e40, seed=0)
+    with pytest.raises(ValueError, match="sigma must be finite and non-negative and at most"):
+        ops.relay_corrupt(x, 1e308, 0.2, seed=0)
+    with pytest.raises(ValueError, match="tau"):
+        ops.blur_factors(float("inf"))
+    # at the limits every output is finite
+    out = ops.relay_corrupt(torch.ones(1, 1, 8, 8), 1e15, 0.2, alpha=1e15, normalize=False, seed=0)
+    assert torch.isfinite(out).all()
+    # the meta device: shapes only, no value checks that need data
+    meta = torch.empty(2, 3, 8, 8, device="meta")
+    assert ops.relay_corrupt(meta, 1.0, 0.5).shape == meta.shape
+    assert ops.relay_step(meta, meta, 1.0, 0.5, 0.5, 0.2).device.type == "meta"

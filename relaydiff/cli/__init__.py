@@ -15,6 +15,7 @@ from .common import CLIError, one_line
 # (module, one-line help) in the order `relaydiff --help` lists them
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("demo", "train and sample a tiny relay cascade on bundled photos (~10 min, CPU)"),
+    ("study", "relay vs scratch vs CDM, block vs white noise: equal budgets per arm, seeds, table"),
     ("train", "train a base (stage 1) or relay (stage 2) model from a folder of images"),
     ("sample", "generate images with a stage-1 and a relay model"),
     ("upscale", "super-resolve a folder of images with a relay model"),

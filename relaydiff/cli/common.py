@@ -65,7 +65,7 @@ def one_line(e: BaseException) -> str:
 
 def add_image_limit(p) -> None:
     """``--max-image-pixels`` for the commands that read image files."""
-    from relaydiff.images import BYTES_PER_PIXEL, MAX_IMAGE_PIXELS
+    from relaydiff.images import BYTES_PER_PIXEL, DEFAULT_MAX_IMAGE_PIXELS as MAX_IMAGE_PIXELS
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
                    help=f"refuse images of more than N pixels, from their header, and zip members that "
                         f"inflate to more than {BYTES_PER_PIXEL} N bytes (default {MAX_IMAGE_PIXELS} = 8192^2)")

@@ -14,7 +14,8 @@ import os
 import numpy as np
 
 from .common import CLIError, add_image_limit, apply_image_limit, existing_dir
-from .sample import add_sampler_args, checkpoint_path, class_labels, load_pipeline, parse_int, parse_steps
+from .sample import add_sampler_args, checkpoint_path, class_labels, load_pipeline, parse_int, parse_steps, \
+    post_process
 
 
 def add_parser(subparsers):
@@ -38,8 +39,9 @@ def run(args) -> int:
     from relaydiff.images import from_uint8, list_images, load_image, save_png, to_uint8
 
     batch = parse_int(args.batch, "--batch")
-    seed = parse_int(args.seed, "--seed", low=0)
+    seed = parse_int(args.seed or "0", "--seed", low=0)
     _, steps = parse_steps(args.steps)
+    post = post_process(args)
     apply_image_limit(args)
     existing_dir(args.in_dir, "--in")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -70,7 +72,7 @@ def run(args) -> int:
     high = pipe.super_resolve(low, labels, steps=steps, seed=seed, batch_size=batch,
                               disable=True if args.quiet else None)
     os.makedirs(args.out, exist_ok=True)
-    for stem, img in zip(stems, to_uint8(high)):
+    for stem, img in zip(stems, post(to_uint8(high))):
         save_png(img, os.path.join(args.out, f"{stem}.png"))
     if not args.quiet:
         print(f"wrote {len(paths)} images of {high.shape[-1]}px to {args.out} "

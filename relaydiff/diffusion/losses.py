@@ -47,11 +47,16 @@ class _Loss:
         """-> ``(x_t, sigma [B])``."""
         raise NotImplementedError
 
+    def condition(self, images: torch.Tensor) -> dict:
+        """Extra keywords the network gets, from the clean (augmented) ``images``; none by default."""
+        return {}
+
     def __call__(self, net, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         kwargs = {}
         if self.augment is not None:
             # the augmented image is the clean target; the network is told what was done
             images, kwargs["augment_labels"] = self.augment(images)
+        kwargs.update(self.condition(images))
         x_t, sigma = self.corrupt(images)
         denoised = net(x_t, sigma, drop_labels(labels, self.label_dropout), **kwargs)
         w = loss_weight(sigma, self.sigma_data).reshape(-1, 1, 1, 1)
@@ -74,6 +79,22 @@ class EDMLoss(_Loss):
         # white noise stays torch.randn, so white runs draw exactly what they always drew
         n = torch.randn_like(images) if self.noise.white else self.noise.draw(images)
         return images + sigma.reshape(-1, 1, 1, 1) * n, sigma
+
+
+class LowResEDMLoss(EDMLoss):
+    """The conventional cascade's super-resolution model (CDM / ADM-U, paper Sec. 3): the EDM
+    loss of ``x_t = x0 + sigma n`` from pure noise, the network also given
+    ``low = BoxDown_p(x0)`` ``[B, C, H/p, W/p]`` (the ``low=`` keyword of
+    :class:`~relaydiff.models.conditioned.LowResConcat`); ``n`` white."""
+
+    def __init__(self, factor: int, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be a positive integer; got {factor!r}")
+        self.factor = factor
+
+    def condition(self, images):
+        return {"low": torch.nn.functional.avg_pool2d(images, self.factor)}
 
 
 class RelayLoss(_Loss):

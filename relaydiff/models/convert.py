@@ -102,23 +102,36 @@ def _relay_from_blur_loss(loss: PersistentRecord) -> RelayConfig:
         raise ConversionError(f"the file's BlurLoss lacks the attribute {e.args[0]!r}") from None
 
 
-def module_tensors(record, prefix: str = "") -> dict[str, TensorRef]:
-    """The state-dict entries (parameters and persistent buffers) of a recorded module tree."""
+_MAX_DEPTH = 64   # EDM networks nest about 6 modules deep
+
+
+def module_tensors(record, prefix: str = "", _seen: set | None = None) -> dict[str, TensorRef]:
+    """The state-dict entries (parameters and persistent buffers) of a recorded module tree.
+    The file decides the tree's shape: a tree deeper than 64 modules, one holding a module
+    twice (or itself) or a group that is not a dict of named entries is refused by name."""
+    seen = set() if _seen is None else _seen
     if not isinstance(record, (PersistentRecord, ObjectRecord)) or not isinstance(record.state, dict):
         raise ConversionError(f"{prefix or 'the network'} is a {type(record).__name__}, not a module")
+    if id(record) in seen or prefix.count(".") > _MAX_DEPTH:
+        raise ConversionError(f"{prefix or 'the network'}: the module tree repeats a module or nests more than "
+                              f"{_MAX_DEPTH} levels deep")
+    seen.add(id(record))
     state = record.state
     skip = state.get("_non_persistent_buffers_set") or set()
     out: dict[str, TensorRef] = {}
-    for group in ("_parameters", "_buffers"):
-        for name, value in (state.get(group) or {}).items():
-            if value is None or (group == "_buffers" and name in skip):
+    for group in ("_parameters", "_buffers", "_modules"):
+        entries = state.get(group) or {}
+        if not isinstance(entries, dict) or not all(isinstance(k, str) for k in entries):
+            raise ConversionError(f"{prefix}{group} is a {type(entries).__name__}, not a dict of named entries")
+        for name, value in entries.items():
+            if value is None or (group == "_buffers" and isinstance(skip, (set, frozenset)) and name in skip):
                 continue
-            if not isinstance(value, TensorRef):
+            if group == "_modules":
+                out.update(module_tensors(value, f"{prefix}{name}.", seen))
+            elif not isinstance(value, TensorRef):
                 raise ConversionError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
-            out[prefix + name] = value
-    for name, child in (state.get("_modules") or {}).items():
-        if child is not None:
-            out.update(module_tensors(child, f"{prefix}{name}."))
+            else:
+                out[prefix + name] = value
     return out
 
 

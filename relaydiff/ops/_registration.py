@@ -4,49 +4,87 @@ from __future__ import annotations
 
 import torch
 
+from ._drawn import corrupt_backward, corrupt_setup, no_grad_for, step_backward, step_setup
 
-def _image_fake(x: torch.Tensor) -> torch.Tensor:
-    torch._check(x.dim() == 4, lambda: f"expected [B, C, H, W], got {x.dim()}-D")
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _fake(x: torch.Tensor, name: str, p=None, block=None, seed=None, units=(), alpha=None,
+          per_sample=(), images=()) -> torch.Tensor:
+    """The output like ``x`` after the checks of csrc/common/checks.h that need no values.
+
+    The dispatcher picks this (meta) kernel whenever *any* argument is on the meta device,
+    so a direct call with one meta tensor among real ones, or an invalid argument, lands
+    here too: it must fail as the C++ glue does, not return uninitialised memory."""
+    def check(ok, msg):
+        torch._check(ok, lambda: msg)
+
+    check(x.dim() == 4, f"{name} must be a 4-D tensor [B, C, H, W]; got {x.dim()}-D")
+    check(x.dtype in _FLOATS, f"{name} must be float32, float64, float16 or bfloat16; got {x.dtype}")
+    if p is not None:
+        check(p in (2, 4, 8, 16), f"patch_size must be 2, 4, 8 or 16; got {p}")
+        check(x.shape[2] % p == 0 and x.shape[3] % p == 0, f"{name}: H and W must be multiples of patch_size={p}")
+    if block is not None:
+        check(1 <= block <= 16, f"block_size must be in [1, 16]; got {block}")
+        check(x.numel() == 0 or (block <= x.shape[2] and block <= x.shape[3]),
+              f"block_size={block} is larger than the image")
+    if seed is not None:
+        check(seed >= 0, f"seed must be non-negative; got {seed}")
+    if alpha is not None:
+        check(alpha >= 0 and alpha != float("inf"), f"alpha must be finite and non-negative; got {alpha}")
+    for unit, value, closed in units:
+        check(0 <= value and (value <= 1 if closed else value < 1), f"{unit} must be in [0, 1]; got {value}")
+    for n, t in per_sample:
+        check(t.dim() == 1 and t.shape[0] == x.shape[0], f"{n} must have shape [B] = [{x.shape[0]}]")
+        check(t.is_floating_point(), f"{n} must be a floating tensor; got {t.dtype}")
+        check(t.device == x.device, f"{n} is on {t.device} but the images are on {x.device}")
+    for n, t in images:
+        if t is not None:
+            check(t.shape == x.shape and t.dtype == x.dtype, f"{n} must have the shape and dtype of {name}")
+            check(t.device == x.device, f"{n} is on {t.device} but {name} is on {x.device}")
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("relaydiff::patch_dct")
 def _patch_dct_fake(x, patch_size):
-    return _image_fake(x)
+    return _fake(x, "x", patch_size)
 
 
 @torch.library.register_fake("relaydiff::patch_idct")
 def _patch_idct_fake(u, patch_size):
-    return _image_fake(u)
+    return _fake(u, "u", patch_size)
 
 
 @torch.library.register_fake("relaydiff::patch_blur")
 def _patch_blur_fake(x, tau, patch_size, min_scale):
-    torch._check(tau.shape == (x.shape[0],), lambda: "tau must be [B]")
-    return _image_fake(x)
+    return _fake(x, "x", patch_size, units=[("min_scale", min_scale, False)], per_sample=[("tau", tau)])
 
 
 @torch.library.register_fake("relaydiff::block_noise")
 def _block_noise_fake(like, block_size, seed):
-    return _image_fake(like)
+    return _fake(like, "like", block=block_size, seed=seed)
 
 
 @torch.library.register_fake("relaydiff::mixed_noise")
 def _mixed_noise_fake(like, alpha, block_size, normalize, seed):
-    return _image_fake(like)
+    return _fake(like, "like", block=block_size, seed=seed, alpha=alpha)
 
 
 @torch.library.register_fake("relaydiff::relay_corrupt")
 def _relay_corrupt_fake(x0, sigma, tau, patch_size, alpha, block_size, min_scale, normalize, seed):
-    torch._check(sigma.shape == (x0.shape[0],), lambda: "sigma must be [B]")
-    torch._check(tau.shape == (x0.shape[0],), lambda: "tau must be [B]")
-    return _image_fake(x0)
+    return _fake(x0, "x0", patch_size, block_size, seed, [("min_scale", min_scale, False)], alpha,
+                 per_sample=[("sigma", sigma), ("tau", tau)])
 
 
 @torch.library.register_fake("relaydiff::relay_step")
 def _relay_step_fake(x, denoised, x_prop, denoised_prop, sigma, sigma_next, tau, tau_next,
                      s_noise, patch_size, alpha, block_size, min_scale, normalize, seed):
-    return _image_fake(x)
+    torch._check((x_prop is None) == (denoised_prop is None),
+                 lambda: "x_prop and denoised_prop must be given together or both be None")
+    return _fake(x, "x", patch_size, block_size, seed, [("s_noise", s_noise, True), ("min_scale", min_scale, False)],
+                 alpha, per_sample=[("sigma", sigma), ("sigma_next", sigma_next), ("tau", tau), ("tau_next", tau_next)],
+                 images=[("denoised", denoised), ("x_prop", x_prop), ("denoised_prop", denoised_prop)])
 
 
 # ------------------------------------------------------------------ autograd
@@ -75,14 +113,8 @@ def _blur_setup(ctx, inputs, output):
     ctx.patch_size, ctx.min_scale = patch_size, min_scale
 
 
-def _no_grad_for(ctx, op: str, names: tuple[str, ...], idx: tuple[int, ...]) -> None:
-    for name, i in zip(names, idx):
-        if ctx.needs_input_grad[i]:
-            raise RuntimeError(f"relaydiff.{op} is not differentiable with respect to {name}")
-
-
 def _patch_blur_backward(ctx, grad):
-    _no_grad_for(ctx, "patch_blur", ("tau",), (1,))
+    no_grad_for(ctx, "patch_blur", ("tau",), (1,))
     (tau,) = ctx.saved_tensors
     gx = torch.ops.relaydiff.patch_blur(grad.contiguous(), tau, ctx.patch_size, ctx.min_scale)
     return gx, None, None, None
@@ -91,18 +123,9 @@ def _patch_blur_backward(ctx, grad):
 torch.library.register_autograd("relaydiff::patch_blur", _patch_blur_backward, setup_context=_blur_setup)
 
 
-def _corrupt_setup(ctx, inputs, output):
-    x0, sigma, tau, patch_size, alpha, block_size, min_scale, normalize, seed = inputs
-    ctx.save_for_backward(tau)
-    ctx.patch_size, ctx.min_scale = patch_size, min_scale
+torch.library.register_autograd("relaydiff::relay_corrupt", corrupt_backward, setup_context=corrupt_setup)
 
 
-def _relay_corrupt_backward(ctx, grad):
-    _no_grad_for(ctx, "relay_corrupt", ("sigma", "tau"), (1, 2))
-    (tau,) = ctx.saved_tensors
-    gx = torch.ops.relaydiff.patch_blur(grad.contiguous(), tau, ctx.patch_size, ctx.min_scale)
-    return (gx,) + (None,) * 8
-
-
-torch.library.register_autograd("relaydiff::relay_corrupt", _relay_corrupt_backward,
-                                setup_context=_corrupt_setup)
+# relay_step is linear in its four images: reference.relay_step_vjp gives their gradients;
+# sigma, tau and their next values get none (a clear error)
+torch.library.register_autograd("relaydiff::relay_step", step_backward, setup_context=step_setup)

@@ -14,6 +14,10 @@ PATCH_SIZES = (2, 4, 8, 16)
 MAX_BLOCK_SIZE = 16
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SEED_MAX = 2 ** 63 - 1
+# The largest sigma, sigma_next and alpha accepted: noise is computed in float32 for float32
+# and half inputs, and sigma * alpha * (a block-noise sample) must stay far below float32's
+# 3.4e38 for every intermediate to be finite. Larger values are refused, not turned into inf.
+MAX_SCALE = 1e15
 
 
 def _tracing() -> bool:
@@ -79,8 +83,15 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
-def per_sample(v, name: str, batch: int, device, *, positive: bool = False) -> torch.Tensor:
-    """A Python number, 0-d tensor or ``[B]`` tensor -> float64 tensor ``[B]`` on ``device``."""
+def _bad_values(t: torch.Tensor, positive: bool, high: float) -> torch.Tensor:
+    return ~torch.isfinite(t) | ((t <= 0) if positive else (t < 0)) | (t > high)
+
+
+def per_sample(v, name: str, batch: int, device, *, positive: bool = False,
+               high: float = float("inf")) -> torch.Tensor:
+    """A Python number, 0-d tensor or ``[B]`` tensor -> float64 tensor ``[B]`` on ``device``,
+    every value finite, non-negative (``positive``: > 0) and at most ``high``. The values of a
+    tensor on the meta device are unknown and not checked (shape inference only)."""
     if isinstance(v, torch.Tensor):
         if not (v.is_floating_point() or v.dtype in (torch.int32, torch.int64)):
             raise ValueError(f"{name} must be a float or a floating tensor of shape [B]; got dtype {v.dtype}")
@@ -95,13 +106,19 @@ def per_sample(v, name: str, batch: int, device, *, positive: bool = False) -> t
     else:
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise TypeError(f"{name} must be a float or a tensor of shape [B]; got {type(v).__name__}")
-        t = torch.full((batch,), float(v), dtype=torch.float64, device=device)
-    if not _tracing() and t.numel() > 0:
-        bad = ~torch.isfinite(t) | ((t <= 0) if positive else (t < 0))
-        if bool(bad.any()):
-            want = "positive" if positive else "non-negative"
-            raise ValueError(f"{name} must be finite and {want}; got {v if not isinstance(v, torch.Tensor) else v.tolist()}")
+        # a number is checked as a number: no device round trip, and it works for meta tensors
+        if bool(_bad_values(torch.tensor(float(v), dtype=torch.float64), positive, high)):
+            _value_error(name, v, positive, high)
+        return torch.full((batch,), float(v), dtype=torch.float64, device=device)
+    if not _tracing() and t.numel() > 0 and t.device.type != "meta" and bool(_bad_values(t, positive, high).any()):
+        _value_error(name, v.tolist(), positive, high)
     return t
+
+
+def _value_error(name: str, got, positive: bool, high: float):
+    want = "positive" if positive else "non-negative"
+    limit = f" and at most {high:g} (larger values overflow float32)" if high != float("inf") else ""
+    raise ValueError(f"{name} must be finite and {want}{limit}; got {got}")
 
 
 def check_same_device(ref: torch.Tensor, ref_name: str, **others) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext
+from . import _drawn, _ext
+from . import _validate as V
 from . import reference as R
 
 backend = _ext.backend
@@ -17,6 +18,12 @@ backend = _ext.backend
 
 def _kernel(t: torch.Tensor) -> bool:
     return _ext.has_kernel(t.device.type)
+
+
+def _drawn_seed(seed) -> bool:
+    """``seed=None`` while torch.compile traces: the op must draw its seed when it runs
+    (relaydiff.ops._drawn), so that compiled and eager code draw the same one."""
+    return seed is None and V._tracing()
 
 
 def patch_dct(x: torch.Tensor, patch_size: int = 4) -> torch.Tensor:
@@ -57,7 +64,9 @@ def block_noise(like: torch.Tensor, block_size: int = 4, seed: int | None = None
     circular ``s x s`` box sum of white noise divided by ``s`` (unit variance per pixel).
     ``g`` is stream 1 of the Philox generator under ``seed`` (``None``: drawn from torch's
     global generator)."""
-    like, _, s, _, sd = R.prep_noise(like, 0.0, block_size, True, seed)
+    like, _, s, _, sd = R.prep_noise(like, 0.0, block_size, True, 0 if _drawn_seed(seed) else seed)
+    if _drawn_seed(seed):
+        return _drawn.block_noise_drawn(like, s)
     if _kernel(like):
         return torch.ops.relaydiff.block_noise(like, s, sd)
     return R.block_noise_impl(like, s, sd)
@@ -68,6 +77,8 @@ def mixed_noise(like: torch.Tensor, alpha: float = 0.15, block_size: int = 4, no
     """``(e + alpha * Block_s(e2)) / sqrt(1 + alpha^2)`` (SPEC 3); ``normalize=False`` is the
     authors' code variant without the division. ``e`` is stream 0 and ``e2`` stream 1 under
     ``seed``, so ``mixed_noise(x, alpha=0, seed=k)`` is the white field of seed ``k``."""
+    if _drawn_seed(seed):
+        return _drawn.mixed_noise_drawn(*R.prep_noise(like, alpha, block_size, normalize, 0)[:-1])
     args = R.prep_noise(like, alpha, block_size, normalize, seed)
     if _kernel(like):
         return torch.ops.relaydiff.mixed_noise(*args)
@@ -79,6 +90,9 @@ def relay_corrupt(x0: torch.Tensor, sigma, tau, patch_size: int = 4, alpha: floa
                   seed: int | None = None) -> torch.Tensor:
     """The relay stage's forward corruption ``x_t = Blur_tau(x0) + sigma * n`` (SPEC 5), ``n``
     the mixed noise of ``seed``, in one pass over memory. Differentiable in ``x0``."""
+    if _drawn_seed(seed):
+        return _drawn.relay_corrupt_drawn(*R.prep_corrupt(x0, sigma, tau, patch_size, alpha, block_size,
+                                                          min_scale, normalize, 0)[:-1])
     args = R.prep_corrupt(x0, sigma, tau, patch_size, alpha, block_size, min_scale, normalize, seed)
     if _kernel(x0):
         return torch.ops.relaydiff.relay_corrupt(*args)
@@ -99,7 +113,9 @@ def relay_step(x: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next, tau, 
     ``d = ((x - denoised)/sigma + (x_prop - denoised_prop)/sigma_next) / 2``; pass the seed of
     the Euler step to reuse its noise (the paper), a new one for the code variant."""
     args = R.prep_step(x, denoised, sigma, sigma_next, tau, tau_next, x_prop, denoised_prop,
-                       s_noise, patch_size, alpha, block_size, min_scale, normalize, seed)
+                       s_noise, patch_size, alpha, block_size, min_scale, normalize, 0 if _drawn_seed(seed) else seed)
+    if _drawn_seed(seed):
+        return _drawn.relay_step_drawn(*args[:-1])
     if _kernel(x):
         return torch.ops.relaydiff.relay_step(*args)
     return R.relay_step_impl(*args)

@@ -154,6 +154,30 @@ def relay_step_impl(x, denoised, x_prop, denoised_prop, sigma, sigma_next, tau, 
     return out.to(x.dtype)
 
 
+def relay_step_vjp(grad, sigma, sigma_next, tau, tau_next, s_noise, patch_size, min_scale, heun: bool):
+    """The gradients of :func:`relay_step_impl` with respect to ``x, denoised`` (and, with
+    ``heun``, ``x_prop, denoised_prop``) for the output gradient ``grad``.
+
+    The step is linear in them (its noise term does not depend on them): with ``U`` the DCT
+    of each patch, ``out = IDCT(A U(x) + B U(y))``, ``y = x - denoised`` (Euler) or
+    ``y = (x - denoised) / 2 + (sigma / sigma_next) (x_prop - denoised_prop) / 2`` (Heun). The
+    DCT is orthonormal, so each input's gradient is ``IDCT(c * DCT(grad))``, ``c`` its
+    coefficient: ``A + B`` (``A + B/2``) for x, ``-B`` (``-B/2``) for denoised and
+    ``+-(sigma / sigma_next) B / 2`` for the proposal pair."""
+    cd = compute_dtype(grad.dtype)
+    A, B, _ = step_factors(sigma, sigma_next, tau, tau_next, s_noise, patch_size, min_scale)
+    u = _patch_transform(grad.to(cd), patch_size, inverse=False)
+
+    def back(c):
+        return _patch_transform(_scale_coefficients(u, c.to(cd), patch_size), patch_size, inverse=True).to(grad.dtype)
+
+    if not heun:
+        return back(A + B), back(-B)
+    half = 0.5 * B
+    ratio = (sigma / sigma_next)[:, None, None] * half
+    return back(A + half), back(-half), back(ratio), back(-ratio)
+
+
 # ---------------------------------------------------------------- argument preparation
 # Shared with relaydiff.ops.api and relaydiff.ops.linear_blur: turns public arguments into the
 # op schema's arguments (``blur_name(s)``: what the blur argument is called in messages).
@@ -187,7 +211,7 @@ def prep_blur(x, tau, patch_size, min_scale, blur_name="tau"):
 def prep_noise(like, alpha, block_size, normalize, seed):
     V.check_image(like, "like")
     s = V.check_block_size(block_size, like)
-    a = V.check_scalar(alpha, "alpha")
+    a = V.check_scalar(alpha, "alpha", high=V.MAX_SCALE)
     return like, a, s, bool(normalize), V.check_seed(seed)
 
 
@@ -195,7 +219,7 @@ def prep_corrupt(x0, sigma, tau, patch_size, alpha, block_size, min_scale, norma
                  blur_name="tau"):
     x0, p = prep_transform(x0, patch_size, "x0")
     b = x0.shape[0]
-    sig = V.per_sample(sigma, "sigma", b, x0.device)
+    sig = V.per_sample(sigma, "sigma", b, x0.device, high=V.MAX_SCALE)
     t = V.per_sample(tau, blur_name, b, x0.device)
     _, a, s, nrm, sd = prep_noise(x0, alpha, block_size, normalize, seed)
     m = V.check_scalar(min_scale, "min_scale", high=1.0, high_inclusive=False)
@@ -210,8 +234,13 @@ def prep_step(x, denoised, sigma, sigma_next, tau, tau_next, x_prop, denoised_pr
     if (x_prop is None) != (denoised_prop is None):
         raise ValueError("x_prop and denoised_prop must be given together (Heun correction) or both be None")
     b = x.shape[0]
-    sig = V.per_sample(sigma, "sigma", b, x.device, positive=True)
-    sig_n = V.per_sample(sigma_next, "sigma_next", b, x.device, positive=x_prop is not None)
+    sig = V.per_sample(sigma, "sigma", b, x.device, positive=True, high=V.MAX_SCALE)
+    sig_n = V.per_sample(sigma_next, "sigma_next", b, x.device, positive=x_prop is not None, high=V.MAX_SCALE)
+    # a step runs towards less noise: sigma_next > sigma would amplify the noise estimate by
+    # sigma_next / sigma instead of removing it (legal arithmetic, meaningless sampling)
+    if not V._tracing() and b and sig.device.type != "meta" and bool((sig_n > sig).any()):
+        raise ValueError(f"sigma_next must not exceed sigma (a relay step lowers the noise); got "
+                         f"sigma={sig.tolist()}, sigma_next={sig_n.tolist()}")
     t = V.per_sample(tau, blur_names[0], b, x.device)
     t_n = V.per_sample(tau_next, blur_names[1], b, x.device)
     sn = V.check_scalar(s_noise, "s_noise", high=1.0)

@@ -8,10 +8,10 @@ import torch
 from tqdm.auto import trange
 
 from relaydiff.config import NoiseConfig
-from relaydiff.ops._validate import check_image, check_scalar, check_seed
+from relaydiff.ops._validate import check_image, check_scalar
 
 from .grids import check_sigmas
-from .seeds import derive_seed
+from .seeds import check_seeds, seeded, split_seed
 
 
 def call_denoiser(denoiser, x: torch.Tensor, sigma: float, class_labels, dtype: torch.dtype) -> torch.Tensor:
@@ -25,7 +25,7 @@ def call_denoiser(denoiser, x: torch.Tensor, sigma: float, class_labels, dtype: 
 @torch.no_grad()
 def sample_edm(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=None,
                s_churn: float = 0.0, s_min: float = 0.0, s_max: float = math.inf, s_noise: float = 1.0,
-               noise: NoiseConfig | None = None, seed: int | None = None, callback=None,
+               sde_scale: float = 0.0, noise: NoiseConfig | None = None, seed=None, callback=None,
                disable: bool | None = None, return_nfe: bool = False):
     """EDM stochastic Heun sampler from ``sigmas[0]`` down the grid ``sigmas``.
 
@@ -37,10 +37,18 @@ def sample_edm(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=
     and, unless ``sigma_{i+1} = 0``, the Heun correction with the slope at ``x'`` averaged in.
     The state is kept in float64; the denoiser sees ``x.dtype``.
 
+    ``sde_scale = c > 0`` is the stage-1 SDE sampler of the authors' CelebA-HQ script
+    (``sde_scale=0.05`` there): each step keeps a share ``g = c sigma_{i+1}`` of fresh noise,
+    ``x' = x_hat + (sqrt(sigma_{i+1}^2 - g^2) - sigma_hat) d + g n1`` and the Heun correction
+    ``x_hat + (sqrt(sigma_{i+1}^2 - g^2) - sigma_hat) (d + d') / 2 + g n2`` with new noise ``n2``;
+    ``c = 0`` is the ODE step above. Requires ``0 <= c < 1``.
+
     ``denoiser(x, sigma [B], class_labels)`` predicts the clean image. ``noise``: the
     :class:`~relaydiff.NoiseConfig` the model was trained with, which draws the churn noise
     ``n`` (``None``: white; with ``alpha > 0`` the mixed block noise of SPEC 3, paper App. C.2).
-    ``seed`` fixes the churn noise (``None``: drawn from torch's global generator).
+    ``seed`` fixes the churn and SDE noise (``None``: drawn from torch's global generator; a
+    sequence of ``B`` ints: per-sample seeds, sample ``b``'s noise from ``seed[b]`` alone, see
+    :func:`relaydiff.sampling.seeds.seeded`).
     ``callback`` receives ``{step, sigma, sigma_hat, sigma_next, x, denoised, nfe}`` after every step;
     ``disable`` turns the progress bar off. Returns the image in ``x.dtype``, with the number
     of denoiser calls (``2N - 1`` on a grid of N levels ending in 0) if ``return_nfe``.
@@ -49,8 +57,9 @@ def sample_edm(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=
     sig = check_sigmas(sigmas).tolist()
     check_scalar(s_churn, "s_churn")
     check_scalar(s_noise, "s_noise")
+    check_scalar(sde_scale, "sde_scale", high=1.0, high_inclusive=False)
     noise = NoiseConfig.of(noise)
-    seed = check_seed(seed)
+    seed = check_seeds(seed, x.shape[0])
     n = len(sig) - 1
     gamma_max = min(s_churn / n, math.sqrt(2.0) - 1.0)
     dtype = x.dtype
@@ -62,15 +71,22 @@ def sample_edm(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=
         gamma = gamma_max if s_min <= s_cur <= s_max else 0.0
         s_hat = s_cur * (1.0 + gamma)
         if gamma > 0.0:
-            x = x + math.sqrt(s_hat ** 2 - s_cur ** 2) * s_noise * noise.draw(x, derive_seed(seed, i))
+            x = x + math.sqrt(s_hat ** 2 - s_cur ** 2) * s_noise * seeded(noise.draw, split_seed(seed, i), x)
         denoised = call_denoiser(denoiser, x, s_hat, class_labels, dtype)
         nfe += 1
         d = (x - denoised) / s_hat
-        x_next = x + (s_next - s_hat) * d
+        g = sde_scale * s_next
+        # the ODE step's sigma_{i+1} - sigma_hat, kept literally when there is no SDE share
+        h = math.sqrt(s_next ** 2 - g ** 2) - s_hat if g > 0.0 else s_next - s_hat
+        x_next = x + h * d
+        if g > 0.0:
+            x_next = x_next + g * seeded(noise.draw, split_seed(seed, i, 1), x)
         if s_next > 0.0:
             d_next = (x_next - call_denoiser(denoiser, x_next, s_next, class_labels, dtype)) / s_next
             nfe += 1
-            x_next = x + (s_next - s_hat) * (0.5 * d + 0.5 * d_next)
+            x_next = x + h * (0.5 * d + 0.5 * d_next)
+            if g > 0.0:
+                x_next = x_next + g * seeded(noise.draw, split_seed(seed, i, 2), x)
         if callback is not None:
             callback(dict(step=i, sigma=s_cur, sigma_hat=s_hat, sigma_next=s_next, x=x,
                           denoised=denoised, nfe=nfe))

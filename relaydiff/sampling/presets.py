@@ -29,15 +29,19 @@ class EDMSampling:
     s_max: float = math.inf
     s_noise: float = 1.0            # inflation of the churn noise
     cfg: float = 1.0                # classifier-free guidance scale (1: off)
+    sde_scale: float = 0.0          # share of fresh noise per step (authors' CelebA-HQ SDE: 0.05)
 
     def __post_init__(self):
         _check_common(self)
+        if not 0.0 <= self.sde_scale < 1.0:
+            raise ValueError(f"sde_scale must be in [0, 1); got {self.sde_scale!r}")
 
     def sigmas(self, device=None) -> torch.Tensor:
         return karras_sigmas(self.steps, self.sigma_min, self.sigma_max, self.rho, device)
 
     def sampler_kwargs(self) -> dict:
-        return dict(s_churn=self.s_churn, s_min=self.s_min, s_max=self.s_max, s_noise=self.s_noise)
+        return dict(s_churn=self.s_churn, s_min=self.s_min, s_max=self.s_max, s_noise=self.s_noise,
+                    sde_scale=self.sde_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +62,15 @@ class RelaySampling:
     t_truncation: float | None = None      # T' of t(sigma); None: the RelayConfig's truncation
     heun_last_level: bool = True           # False: Euler into the last nonzero level (SPEC 6 wording)
     correction: str = "slope"              # Heun average: "slope" (paper) or "denoised" (keeps the marginal)
+    churn: float = 0.0                     # churn of the authors' CelebA-HQ relay sampler (S_churn; 0: off)
+    churn_min: float = 0.0                 # churn only for sigma in [churn_min, churn_max]
+    churn_max: float = math.inf
+    churn_noise: float = 1.0               # inflation of the churn noise (S_noise)
 
     def __post_init__(self):
         _check_common(self)
+        if not (math.isfinite(self.churn) and self.churn >= 0 and self.churn_noise >= 0):
+            raise ValueError(f"churn and churn_noise must be >= 0; got {self.churn!r}, {self.churn_noise!r}")
         if not 0.0 <= self.s_noise < 1.0:
             raise ValueError(f"s_noise must be in [0, 1); got {self.s_noise!r}")
         if self.correction not in CORRECTIONS:
@@ -82,7 +92,8 @@ class RelaySampling:
     def sampler_kwargs(self) -> dict:
         return dict(s_noise=self.s_noise, fresh_correction_noise=self.fresh_correction_noise,
                     t_truncation=self.t_truncation, heun_last_level=self.heun_last_level,
-                    correction=self.correction)
+                    correction=self.correction, churn=self.churn, churn_min=self.churn_min,
+                    churn_max=self.churn_max, churn_noise=self.churn_noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +125,27 @@ PRESETS: dict[str, SamplerPreset] = {
         RelaySampling(steps=200, rho=100.0, sigma_cut=0.9, s_noise=0.2, cfg=3.5)),
     # SPEC 9, CelebA-HQ 256: relay 150-step grid, rho 7, cut 0.95, s 0.2 and the authors'
     # T' = 1.05 in t(sigma). Stage 1 is deterministic EDM Heun with the authors' 120 steps
-    # (their script adds its own SDE term, which this library does not implement).
+    # (their script adds an SDE term: the authors-celebahq256 preset).
     "celebahq256": SamplerPreset(
         EDMSampling(steps=120),
         RelaySampling(steps=150, rho=7.0, sigma_cut=0.95, s_noise=0.2, t_truncation=1.05)),
+    # The authors' generate scripts (THUDM/RelayDiffusion generate_imagenet.py and
+    # generate_celebahq.py, default options) step for step: their code's fresh noise in every
+    # Heun correction, the Heun step into the last nonzero level, T' passed explicitly, their
+    # grids; CelebA-HQ's stage 1 is their SDE sampler (sde_scale 0.05) and its relay sampler's
+    # churn is off as in their script. Mixed noise without normalization, alpha, block size
+    # and blur come from the relay checkpoint's RelayConfig (a converted release has
+    # normalize_noise=False). Their images were also post-processed before their FIDs
+    # (AUTHORS_ENHANCE in relaydiff.images; docs/sampling.md).
+    "authors-imagenet256": SamplerPreset(
+        EDMSampling(steps=256, sigma_min=0.002, sigma_max=80.0, rho=7.0, s_churn=40.0, s_min=0.05,
+                    s_max=50.0, s_noise=1.003),
+        RelaySampling(steps=200, sigma_min=0.008, sigma_max=80.0, rho=100.0, sigma_cut=0.9, s_noise=0.2,
+                      cfg=3.5, fresh_correction_noise=True, t_truncation=0.93, heun_last_level=True)),
+    "authors-celebahq256": SamplerPreset(
+        EDMSampling(steps=120, sigma_min=0.002, sigma_max=80.0, rho=7.0, sde_scale=0.05),
+        RelaySampling(steps=150, sigma_min=0.008, sigma_max=80.0, rho=7.0, sigma_cut=0.95, s_noise=0.2,
+                      fresh_correction_noise=True, t_truncation=1.05, heun_last_level=True)),
 }
 
 

@@ -10,6 +10,12 @@ repeatable.
 """
 from __future__ import annotations
 
+import numbers
+
+import torch
+
+from relaydiff.ops._validate import check_seed
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -26,3 +32,40 @@ def derive_seed(seed: int, *path: int) -> int:
     for k in path:
         h = _splitmix64(h ^ (k & _MASK64))
     return h >> 1
+
+
+def check_seeds(seed, batch: int) -> int | tuple[int, ...]:
+    """A sampler's ``seed`` argument: ``None`` or an int (one seed for the whole batch, its
+    noise drawn batch-wide) -> an int; a sequence or 1-D integer tensor of ``batch`` per-sample
+    seeds -> a tuple (EDM's convention: sample ``b``'s noise depends on ``seed[b]`` alone)."""
+    if seed is None or isinstance(seed, (bool, numbers.Integral)) \
+            or (isinstance(seed, torch.Tensor) and seed.dim() == 0):
+        return check_seed(seed)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.tolist()
+    if not isinstance(seed, (list, tuple)) or len(seed) != batch:
+        raise ValueError(f"seed must be None, an integer or a sequence of {batch} per-sample seeds "
+                         f"(one per image of the batch); got {seed!r}")
+    return tuple(check_seed(s) for s in seed)
+
+
+def split_seed(seed: int | tuple[int, ...], *path: int) -> int | tuple[int, ...]:
+    """:func:`derive_seed` of an int seed, or of each per-sample seed of a tuple."""
+    if isinstance(seed, tuple):
+        return tuple(derive_seed(s, *path) for s in seed)
+    return derive_seed(seed, *path)
+
+
+def seeded(fn, seed: int | tuple[int, ...], *args, **kwargs):
+    """``fn(*args, seed=seed, **kwargs)`` for an int seed. For per-sample seeds (a tuple of B)
+    ``fn`` runs once per sample on the ``b``-th slice ``[b:b+1]`` of every tensor argument with
+    ``seed[b]``, and the results are concatenated: sample ``b`` then depends on ``seed[b]``
+    alone, whatever the batch (the noise ops are pure functions of ``(seed, shape)``, so a
+    batch-wide draw is not the stack of per-sample ones). Costs B op calls instead of one."""
+    if not isinstance(seed, tuple):
+        return fn(*args, seed=seed, **kwargs)
+
+    def part(v, b):
+        return v[b:b + 1] if isinstance(v, torch.Tensor) else v
+    return torch.cat([fn(*(part(a, b) for a in args), seed=s, **{k: part(v, b) for k, v in kwargs.items()})
+                      for b, s in enumerate(seed)])

@@ -1,0 +1,337 @@
+"""The ``authors-*`` sampler presets against a literal float64 transcription of the authors'
+generate scripts (THUDM/RelayDiffusion generate_imagenet.py / generate_celebahq.py:
+``edm_sampler``, ``blur_sampler``, ``get_alpha_t``, their click defaults), and per-image seeds.
+
+The transcription below is written from their code's math (its own orthonormal patch DCT
+matrix, its own blur factors, the loops as they stand, churn included), not from relaydiff's
+samplers; only the noise fields come from relaydiff.ops (a pure function of (seed, shape)),
+drawn in the order their code calls ``randn_like``, with the seeds relaydiff's samplers
+document (``derive_seed(seed, step)`` for a step, ``(seed, step, 1)`` for the correction,
+``(seed, step, 2)`` for churn). The noise is composed as theirs: ``randn + s_block *
+block_noise``, without normalization.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from relaydiff import RelayConfig
+from relaydiff.images import authors_enhance
+from relaydiff.ops import block_noise, mixed_noise
+from relaydiff.pipeline import RelayPipeline
+from relaydiff.sampling import PRESETS, derive_seed, relay_init, sample_edm, sample_relay
+from relaydiff.sampling.guidance import cfg
+
+F64 = torch.float64
+# float64 round-off after 100-256 steps of O(1) images (each step ~1e-16 relative)
+ATOL = 1e-12
+
+
+class Toy(torch.nn.Module):
+    """A nonlinear, spatially mixing, sigma- and label-dependent float64 denoiser; a label of
+    all zeros is the unconditional model (as EDMPrecond treats ``class_labels=None``)."""
+
+    def __init__(self, res, label_dim=0):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = res, 3, label_dim
+        self.w = torch.linspace(-0.2, 0.2, max(label_dim, 1) * 3, dtype=F64).reshape(max(label_dim, 1), 3)
+
+    def forward(self, x, sigma, class_labels=None):
+        s = sigma.to(F64)[:, None, None, None]
+        m = 0.1 * torch.tanh(x.roll(1, -1) + 0.5 * x.roll(-1, -2))
+        if class_labels is not None:
+            m = m + (class_labels.to(F64) @ self.w)[:, :, None, None]
+        return m + 0.125 / (0.25 + s ** 2) * x - 0.05 * torch.sin(3 * x) * s / (1 + s)
+
+
+# ------------------------------------------------------------ the authors' code, transcribed
+
+def _karras(num_steps, sigma_min, sigma_max, rho):
+    idx = torch.arange(num_steps, dtype=F64)
+    return (sigma_max ** (1 / rho) + idx / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def _dct_matrix(p):
+    k, n = torch.meshgrid(torch.arange(p, dtype=F64), torch.arange(p, dtype=F64), indexing="ij")
+    c = torch.cos(math.pi * (2 * n + 1) * k / (2 * p)) * math.sqrt(2 / p)
+    c[0] /= math.sqrt(2)
+    return c
+
+
+def _dct2(x, p):
+    b, ch, h, w = x.shape
+    c = _dct_matrix(p)
+    return torch.einsum("kn,bcinjm,lm->bcikjl", c, x.reshape(b, ch, h // p, p, w // p, p), c).reshape(x.shape)
+
+
+def _idct2(u, p):
+    b, ch, h, w = u.shape
+    c = _dct_matrix(p)
+    return torch.einsum("kn,bcikjl,lm->bcinjm", c, u.reshape(b, ch, h // p, p, w // p, p), c).reshape(u.shape)
+
+
+def _alpha_t(t, p, image_size, prob_length, blur_sigma_max, min_scale=0.001):
+    """get_alpha_t: the blur factor of every DCT coefficient, tiled over the image."""
+    t = 0.5 * (1 + math.erf((math.log(t) - (-1.2)) / 1.2 / math.sqrt(2))) / prob_length
+    blur_t = (blur_sigma_max * math.sin(t * math.pi / 2) ** 2) ** 2 / 2
+    freqs = math.pi * torch.linspace(0, p - 1, p, dtype=F64) / p
+    f2 = freqs[:, None] ** 2 + freqs[None, :] ** 2
+    return (torch.exp(-f2.repeat(image_size // p, image_size // p) * blur_t) * (1 - min_scale) + min_scale)
+
+
+def _net(net, x, t, labels, cfg_scale):
+    sig = torch.full((x.shape[0],), float(t), dtype=F64)
+    if cfg_scale > 1:
+        return cfg_scale * net(x, sig, labels) - (cfg_scale - 1) * net(x, sig, torch.zeros_like(labels))
+    return net(x, sig, labels)
+
+
+def _authors_blur_sampler(net, up, labels, seed, init_seed, *, num_steps, sigma_min, sigma_max, rho,
+                          truncation_sigma, truncation_t, up_scale, cfg_scale, s_block, s_noise, blur_sigma_max,
+                          S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0):
+    def noise(like, sd):        # randn_like(x) + s_block * block_noise(...)
+        return mixed_noise(like, alpha=0.0, seed=sd) + s_block * block_noise(like, up_scale, seed=sd)
+
+    t_steps = _karras(num_steps, sigma_min, sigma_max, rho)
+    k = 0
+    while t_steps[k] >= truncation_sigma:
+        k += 1
+    t_steps = t_steps[k:]
+    num_steps = len(t_steps)
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+    size = up.shape[-1]
+    x_next, x_cur = up.to(F64), None
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1].tolist(), t_steps[1:].tolist())):
+        x_cur = x_next + noise(x_next, init_seed) * t_cur if x_cur is None else x_next
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * mixed_noise(
+            x_cur, alpha=0.0, seed=derive_seed(seed, i, 2))
+        denoised = _net(net, x_hat, t_hat, labels, cfg_scale)
+        if i == num_steps - 1:
+            return denoised
+        a_next = _alpha_t(t_next, up_scale, size, truncation_t, blur_sigma_max)
+        a_cur = _alpha_t(t_hat, up_scale, size, truncation_t, blur_sigma_max)
+        u_cur = _dct2(x_cur, up_scale)
+        d_cur = (u_cur - _dct2(denoised, up_scale)) / t_hat
+        g = (1 - s_noise ** 2) ** 0.5 * t_next / t_hat
+        x_next = _idct2((a_next + g - g * a_cur) * u_cur + t_hat * (g * a_cur - a_next) * d_cur, up_scale) \
+            + s_noise * t_next * noise(x_next, derive_seed(seed, i))
+        denoised = _net(net, x_next, t_next, labels, cfg_scale)
+        d_prime = (_dct2(x_next, up_scale) - _dct2(denoised, up_scale)) / t_next
+        x_next = _idct2((a_next + g - g * a_cur) * u_cur + t_hat * (g * a_cur - a_next) * (d_cur + d_prime) / 2,
+                        up_scale) + s_noise * t_next * noise(x_next, derive_seed(seed, i, 1))
+    return x_next
+
+
+def _authors_edm_sampler(net, latents, labels, seed, *, num_steps, sigma_min, sigma_max, rho,
+                         S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, sde_scale=None):
+    def randn(like, *path):
+        return mixed_noise(like, alpha=0.0, seed=derive_seed(seed, *path))
+
+    t_steps = torch.cat([_karras(num_steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=F64)])
+    x_next = latents.to(F64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1].tolist(), t_steps[1:].tolist())):
+        x_cur = x_next
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * randn(x_cur, i)
+        denoised = _net(net, x_hat, t_hat, labels, 1)
+        d_cur = (x_hat - denoised) / t_hat
+        if sde_scale is not None:        # generate_celebahq.py: "adding SDE"
+            g_t = sde_scale * t_next
+            a_t = ((t_next ** 2 - g_t ** 2) / t_hat ** 2) ** 0.5
+            x_next = x_hat + (a_t - 1) * t_hat * d_cur + g_t * randn(x_next, i, 1)
+            if i < num_steps - 1:
+                d_prime = (x_next - _net(net, x_next, t_next, labels, 1)) / t_next
+                x_next = x_hat + (a_t - 1) * t_hat * (0.5 * d_cur + 0.5 * d_prime) + g_t * randn(x_next, i, 2)
+        else:                            # generate_imagenet.py
+            x_next = x_hat + (t_next - t_hat) * d_cur
+            if i < num_steps - 1:
+                d_prime = (x_next - _net(net, x_next, t_next, labels, 1)) / t_next
+                x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+# their scripts' click defaults (second stage) and the released relay checkpoints' RelayConfig
+AUTHORS = {
+    "authors-imagenet256": dict(
+        config=RelayConfig.imagenet256(normalize_noise=False), label_dim=5,
+        first=dict(num_steps=256, sigma_min=0.002, sigma_max=80, rho=7, S_churn=40, S_min=0.05, S_max=50,
+                   S_noise=1.003),
+        second=dict(num_steps=200, sigma_min=0.008, sigma_max=80, rho=100, truncation_sigma=0.9,
+                    truncation_t=0.93, up_scale=4, cfg_scale=3.5, s_block=0.15, s_noise=0.2, blur_sigma_max=3)),
+    "authors-celebahq256": dict(
+        config=RelayConfig.celebahq256(normalize_noise=False), label_dim=0,
+        first=dict(num_steps=120, sigma_min=0.002, sigma_max=80, rho=7, sde_scale=0.05),
+        second=dict(num_steps=150, sigma_min=0.008, sigma_max=80, rho=7, truncation_sigma=0.95,
+                    truncation_t=1.05, up_scale=4, cfg_scale=1, s_block=0.15, s_noise=0.2, blur_sigma_max=2.0)),
+}
+
+
+def _labels(label_dim, n=2):
+    return None if label_dim == 0 else torch.eye(label_dim, dtype=F64)[torch.tensor([1, 3])[:n] % label_dim]
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS))
+def test_authors_relay_matches_their_blur_sampler(name):
+    a, preset = AUTHORS[name], PRESETS[name].relay
+    labels = _labels(a["label_dim"])
+    low = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64) * 1.6 - 0.8
+    sigmas = preset.sigmas()
+    x = relay_init(low, float(sigmas[0]), a["config"], seed=11)
+    ours = sample_relay(cfg(Toy(16, a["label_dim"]), preset.cfg), x, sigmas, a["config"], class_labels=labels,
+                        seed=5, disable=True, **preset.sampler_kwargs())
+    up = low.repeat_interleave(4, -2).repeat_interleave(4, -1)    # F.interpolate(images, 256): nearest
+    theirs = _authors_blur_sampler(Toy(16, a["label_dim"]), up, labels, 5, 11, **a["second"])
+    assert ours.dtype == F64 and ours.abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=ATOL)
+
+
+def test_relay_churn_matches_their_celebahq_code():
+    """The churn branch of their CelebA-HQ blur_sampler (off in their script) with S_churn on."""
+    a = AUTHORS["authors-celebahq256"]
+    preset = dataclasses.replace(PRESETS["authors-celebahq256"].relay, steps=40, churn=30.0, churn_min=0.05,
+                                 churn_max=0.5, churn_noise=1.007)
+    low = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=F64) - 0.5
+    sigmas = preset.sigmas()
+    x = relay_init(low, float(sigmas[0]), a["config"], seed=2)
+    ours = sample_relay(Toy(16), x, sigmas, a["config"], seed=9, disable=True, **preset.sampler_kwargs())
+    theirs = _authors_blur_sampler(Toy(16), low.repeat_interleave(4, -2).repeat_interleave(4, -1), None, 9, 2,
+                                   **{**a["second"], "num_steps": 40}, S_churn=30.0, S_min=0.05, S_max=0.5,
+                                   S_noise=1.007)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=ATOL)
+    plain = sample_relay(Toy(16), x, sigmas, a["config"], seed=9, disable=True,
+                         **dataclasses.replace(preset, churn=0.0).sampler_kwargs())
+    assert (plain - ours).abs().max() > 1e-3       # the churn is not a no-op
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS))
+def test_authors_stage1_matches_their_edm_sampler(name):
+    a, st = AUTHORS[name], PRESETS[name].stage1
+    labels = _labels(a["label_dim"])
+    latents = mixed_noise(torch.empty(2, 3, 4, 4, dtype=F64), alpha=0.0, seed=123)
+    ours = sample_edm(Toy(4, a["label_dim"]), latents * float(st.sigmas()[0]), st.sigmas(), class_labels=labels,
+                      seed=7, disable=True, **st.sampler_kwargs())
+    theirs = _authors_edm_sampler(Toy(4, a["label_dim"]), latents, labels, 7, **a["first"])
+    assert ours.abs().max() > 0.01          # not collapsed to 0
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=ATOL)
+
+
+def test_authors_enhance_matches_the_pil_formulas():
+    """Their img_enhance against its closed form: brightness scales, contrast pulls towards the
+    mean grey level, colour blends with the grey image, each stage truncated to integers. PIL's
+    fixed-point arithmetic differs from this float form by at most one level."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    x = img.astype(float)
+    out = authors_enhance(img, "authors-enhance-imagenet256").astype(float)
+    assert np.abs(out - np.floor(np.clip(x * 1.06, 0, 255))).max() <= 1
+
+    def grey(v):                                  # ITU-R 601-2 luma, PIL's "L"
+        return np.floor((v @ np.array([299, 587, 114]) + 500) / 1000)
+    mean = np.array([np.floor(grey(v).mean() + 0.5) for v in x])[:, None, None, None]
+    y = np.floor(np.clip(mean + 0.9 * (x - mean), 0, 255))
+    y = np.floor(np.clip(y * 1.05, 0, 255))
+    y = np.floor(np.clip(grey(y)[..., None] + 0.99 * (y - grey(y)[..., None]), 0, 255))
+    got = authors_enhance(img, "authors-enhance-celebahq256").astype(float)
+    assert np.abs(got - y).max() <= 1 and np.abs(got - x).max() > 10
+    assert authors_enhance(img[..., :1], "authors-enhance-imagenet256").shape == (3, 8, 8, 1)
+    with pytest.raises(ValueError, match="unknown post-processing"):
+        authors_enhance(img, "enhance")
+
+
+# ------------------------------------------------------------ per-image seeds
+
+def _pipeline(preset="authors-celebahq256", label_dim=3):
+    preset = PRESETS[preset].with_steps(8, 24)
+    # per-sample state changes (relay churn on) exercise every noise source of both stages
+    preset = dataclasses.replace(preset, relay=dataclasses.replace(preset.relay, churn=10.0))
+    return RelayPipeline(Toy(4, label_dim), Toy(16, label_dim), RelayConfig.celebahq256(normalize_noise=False),
+                         sampler=preset)
+
+
+@pytest.mark.parametrize("preset", ["authors-celebahq256", "authors-imagenet256"])
+def test_per_image_seeds_do_not_depend_on_the_batch(preset):
+    pipe = _pipeline(preset)
+    seeds = [5, 9, 2, 7, 11, 3, 8, 1]
+    ref, ref_low = pipe.sample(seeds=seeds, batch_size=8, return_low=True, disable=True)
+    for bs in (1, 3):
+        assert torch.equal(pipe.sample(seeds=seeds, batch_size=bs, disable=True), ref)
+    # another order and a subset: each image follows its seed
+    sub = [3, 9, 1]
+    got = pipe.sample(len(sub), seeds=sub, batch_size=2, disable=True)
+    assert torch.equal(got, ref[[seeds.index(s) for s in sub]])
+    assert len({float(v) for v in ref.flatten(1).sum(1)}) == 8        # distinct seeds, distinct images
+    # super-resolution: one seed per input image, also batch independent
+    up = pipe.super_resolve(ref_low, seeds=seeds, batch_size=8, disable=True)
+    assert torch.equal(pipe.super_resolve(ref_low[[2, 0]], seeds=[2, 5], batch_size=1, disable=True), up[[2, 0]])
+
+
+def test_seeds_argument_errors():
+    pipe = _pipeline()
+    with pytest.raises(ValueError, match="not both"):
+        pipe.sample(seeds=[1, 2], seed=3, disable=True)
+    with pytest.raises(ValueError, match="3 images, 2 seeds"):
+        pipe.sample(3, seeds=[1, 2], disable=True)
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        pipe.sample(seeds=[], disable=True)
+    with pytest.raises(ValueError, match="seed must be None or an integer"):
+        pipe.sample(seeds=[1, -2], disable=True)
+
+
+def test_stage1_grid_within_the_models_sigma_range():
+    """A stage 1 with sigma_min/sigma_max attributes (VP, VE, iDDPM) gets EDM's clamped grid."""
+    pipe = _pipeline()
+    seen = []
+    base = pipe.stage1
+    base.sigma_min, base.sigma_max = 0.01, 20.0
+    orig = base.forward
+    base.forward = lambda x, sigma, labels=None: (seen.append(float(sigma[0])), orig(x, sigma, labels))[1]
+    pipe.sample(seeds=[0], disable=True)
+    assert seen[0] == pytest.approx(20.0) and min(seen) == pytest.approx(0.01)
+
+
+def test_cli_authors_switches(tmp_path, monkeypatch, capsys):
+    """``--seeds``, ``--post``, ``--sde-scale``, ``--relay-churn``, ``--no-heun-last-level`` and
+    ``--fresh-correction-noise`` reach the pipeline (the checkpoints are replaced by toy stages)."""
+    from relaydiff.cli import main
+
+    made = {}
+
+    def fake_from_checkpoints(stage1, *stage2, sampler, **kwargs):
+        made["preset"] = sampler
+        made["pipe"] = RelayPipeline(Toy(4, 0), Toy(16, 0), RelayConfig.celebahq256(normalize_noise=False),
+                                     sampler=sampler)
+        return made["pipe"]
+
+    monkeypatch.setattr(RelayPipeline, "from_checkpoints", staticmethod(fake_from_checkpoints))
+    (tmp_path / "a").write_text("x")
+    out = tmp_path / "out"
+    rc = main(["sample", "--stage1", str(tmp_path / "a"), "--stage2", str(tmp_path / "a"), "--out", str(out),
+               "--seeds", "4,1-2", "--batch", "2", "--steps", "6,20", "--preset", "authors-celebahq256",
+               "--sde-scale", "0.1", "--relay-churn", "5,0.1,inf,1.01", "--no-heun-last-level",
+               "--no-fresh-correction-noise", "--post", "authors-enhance", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    pr = made["preset"]
+    assert pr.stage1.sde_scale == 0.1 and not pr.relay.heun_last_level and not pr.relay.fresh_correction_noise
+    assert (pr.relay.churn, pr.relay.churn_min, pr.relay.churn_max, pr.relay.churn_noise) == (5, 0.1, math.inf, 1.01)
+    want = made["pipe"].sample(seeds=[1], steps=(6, 20), disable=True)
+    from relaydiff.images import to_uint8
+    want = authors_enhance(to_uint8(want), "authors-enhance-celebahq256")[0]
+    assert np.array_equal(np.asarray(Image.open(out / "000001.png")), want)
+    assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000002.png", "000004.png",
+                                                     "relaydiff-sample.json"]
+    for argv, needle in ((["--seeds", "3-1"], "--seeds must be"), (["--seeds", "1,1"], "names a seed twice"),
+                         (["--seeds", "1", "--n", "2"], "replaces --seed and --n"),
+                         (["--relay-churn", "1,2"], "--relay-churn must be"),
+                         (["--post", "authors-enhance", "--preset", "default"], "--post authors-enhance needs")):
+        rc = main(["sample", "--stage1", str(tmp_path / "a"), "--stage2", str(tmp_path / "a"),
+                   "--out", str(tmp_path / "o2"), *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and needle in err[0], err
