@@ -218,9 +218,14 @@ def read_sample_manifest(folder: str) -> list[str] | None:
         return None
     try:
         with open(path) as f:
-            names = json.load(f)["images"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            manifest = json.load(f)
+        names = manifest["images"]
+        complete = manifest.get("complete", True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ValueError(f"{path}: malformed sample list ({type(e).__name__})") from None
+    if complete is False:
+        raise ValueError(f"{folder!r} holds an unfinished relaydiff sample run; finish it with the same "
+                         f"relaydiff sample command plus --resume")
     if not isinstance(names, list) or not all(isinstance(n, str) and n and os.path.basename(n) == n
                                                 and n not in (".", "..") for n in names):
         raise ValueError(f"{path}: 'images' must list file names inside {folder!r}")

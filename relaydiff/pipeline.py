@@ -193,6 +193,11 @@ class RelayPipeline:
     def _labels(self, n: int, class_labels, seed: int) -> torch.Tensor | None:
         """``[n, label_dim]`` one-hot floats from indices, one-hot rows or (``None``) random
         classes drawn from ``seed``; ``None`` for unconditional models."""
+        return self._onehot(self._label_rows(n, class_labels, seed))
+
+    def _label_rows(self, n: int, class_labels, seed) -> torch.Tensor | None:
+        """The checked labels in compact form, on the CPU: ``[n]`` class indices or ``[n,
+        label_dim]`` rows (a million images' indices take 8 MB, their one-hot rows 4 GB)."""
         if self.label_dim == 0:
             if class_labels is not None:
                 raise ValueError("class_labels given, but the models are unconditional (label_dim 0)")
@@ -203,16 +208,24 @@ class RelayPipeline:
         elif class_labels is None:
             g = torch.Generator().manual_seed(derive_seed(seed, _LABELS))
             class_labels = torch.randint(self.label_dim, (n,), generator=g)
-        labels = torch.as_tensor(class_labels)
+        labels = torch.as_tensor(class_labels).cpu()
         if labels.dim() == 1 and not labels.is_floating_point():
             if labels.numel() != n or bool(((labels < 0) | (labels >= self.label_dim)).any()):
-                raise ValueError(f"class_labels must be {n} class indices in [0, {self.label_dim}); "
-                                 f"got {labels.tolist()}")
-            labels = torch.nn.functional.one_hot(labels.long(), self.label_dim)
-        elif labels.shape != (n, self.label_dim):
+                shown = labels.tolist() if labels.numel() <= 32 else f"{labels.numel()} indices"
+                raise ValueError(f"class_labels must be {n} class indices in [0, {self.label_dim}); got {shown}")
+            return labels.long()
+        if labels.shape != (n, self.label_dim):
             raise ValueError(f"class_labels must be [n] indices or [n, {self.label_dim}] one-hot rows "
                              f"with n = {n}; got shape {tuple(labels.shape)}")
-        return labels.to(device=self.device, dtype=torch.float32)
+        return labels
+
+    def _onehot(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Compact labels (:meth:`_label_rows`) -> one-hot float32 rows on this pipeline's device."""
+        if rows is None:
+            return None
+        if rows.dim() == 1:
+            rows = torch.nn.functional.one_hot(rows, self.label_dim)
+        return rows.to(device=self.device, dtype=torch.float32)
 
     @staticmethod
     def _for(module, labels):
@@ -310,21 +323,40 @@ class RelayPipeline:
         noise op runs once per image). ``return_low``: also return the images this relay stage
         started from (``[n, C, H/p, W/p]``, in [-1, 1]).
         """
-        if self.base() is None:
-            raise PipelineError("this pipeline has no stage-1 model; use super_resolve")
-        n, seed = _seeding(n, seed, seeds)
-        batch_size = _positive(batch_size, "batch_size")
-        labels = self._labels(n, class_labels, seed)
         highs, lows = [], []
-        for j in tqdm(range(0, n, batch_size), disable=disable, desc="batches", unit="batch"):
-            b = min(batch_size, n - j)
-            levels = self._generate(b, None if labels is None else labels[j:j + b],
-                                    seed[j:j + b] if isinstance(seed, tuple) else derive_seed(seed, j),
-                                    steps, disable)
-            highs.append(levels[-1].clamp(-1, 1))
-            lows.append(levels[-2].clamp(-1, 1))
+        for _, high, low in self.iter_sample(n, class_labels, steps=steps, seed=seed, seeds=seeds,
+                                             batch_size=batch_size, disable=disable):
+            highs.append(high)
+            lows.append(low)
         high = torch.cat(highs)
         return (high, torch.cat(lows)) if return_low else high
+
+    def iter_sample(self, n: int | None = None, class_labels=None, *, steps: int | tuple[int, int] | None = None,
+                    seed: int | None = None, seeds=None, batch_size: int = 16, start: int = 0,
+                    disable: bool | None = None):
+        """:meth:`sample` one batch at a time: yields ``(j, high, low)``, the images ``j ..
+        j + len(high) - 1`` and the images their relay stage started from, as each batch
+        finishes, so that a caller can write them out without holding every image (``relaydiff
+        sample --n 1000000`` does). ``start``: the first image to make, a multiple of
+        ``batch_size``; the images are exactly those ``sample`` returns from index ``start`` on
+        (so a run stopped after some batches resumes bit-identically). ``seed`` must then be
+        given (``None`` would draw a new one)."""
+        if self.base() is None:
+            raise PipelineError("this pipeline has no stage-1 model; use super_resolve")
+        if start and seed is None and seeds is None:
+            raise ValueError("start > 0 needs the seed of the run it continues; got seed=None")
+        n, seed = _seeding(n, seed, seeds)
+        batch_size = _positive(batch_size, "batch_size")
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= n or start % batch_size:
+            raise ValueError(f"start must be a multiple of batch_size ({batch_size}) in [0, {n}]; got {start!r}")
+        rows = self._label_rows(n, class_labels, seed)
+        for j in tqdm(range(start, n, batch_size), disable=disable, desc="batches", unit="batch",
+                      initial=start // batch_size, total=-(-n // batch_size)):
+            b = min(batch_size, n - j)
+            levels = self._generate(b, None if rows is None else self._onehot(rows[j:j + b]),
+                                    seed[j:j + b] if isinstance(seed, tuple) else derive_seed(seed, j),
+                                    steps, disable)
+            yield j, levels[-1].clamp(-1, 1), levels[-2].clamp(-1, 1)
 
     def super_resolve(self, images_low: torch.Tensor, class_labels=None, *,
                       steps: int | tuple[int, int] | None = None, seed: int | None = None, seeds=None,

@@ -347,3 +347,79 @@ def test_consistency_keeps_patch_means():
     torch.testing.assert_close(d1[..., ~ac], 4 * low.flatten(-2), rtol=0, atol=1e-5)  # DC = p * mean
     with pytest.raises(TypeError, match="consistency"):
         RelayPipeline(plain.stage1, plain.stage2, plain.config, consistency="yes")
+
+
+# ---------------------------------------------------------------- streaming, resumable sample
+
+def test_iter_sample_resumes_bit_identically(checkpoints):
+    pipe = RelayPipeline.from_checkpoints(checkpoints["base"], checkpoints["relay"], sampler=FAST)
+    want = pipe.sample(5, seed=3, steps=(3, 6), batch_size=2, disable=True)
+    got = list(pipe.iter_sample(5, seed=3, steps=(3, 6), batch_size=2, start=2, disable=True))
+    assert [j for j, _, _ in got] == [2, 4]
+    assert torch.equal(torch.cat([h for _, h, _ in got]), want[2:])
+    with pytest.raises(ValueError, match="start must be a multiple of batch_size"):
+        next(pipe.iter_sample(5, seed=3, batch_size=2, start=1))
+    with pytest.raises(ValueError, match="needs the seed"):
+        next(pipe.iter_sample(5, batch_size=2, start=2))
+
+
+def _pngs(folder):
+    return {f: np.array(Image.open(folder / f)) for f in sorted(os.listdir(folder)) if f.endswith(".png")}
+
+
+def test_cli_sample_streams_and_resumes(checkpoints, tmp_path, capsys, monkeypatch):
+    args = ["sample", "--stage1", checkpoints["base"], "--stage2", checkpoints["relay"], "--n", "5",
+            "--batch", "2", "--steps", "3,6", "--seed", "4", "--save-low", "--grid", "--quiet"]
+    full = tmp_path / "full"
+    assert _run_cli(capsys, *args, "--out", str(full))[0] == 0
+    # a run killed after its second batch: the first two batches are on disk, the run is unfinished
+    batches = []
+    real = RelayPipeline.iter_sample
+
+    def killed(self, *a, **k):
+        for item in real(self, *a, **k):
+            batches.append(item[0])
+            yield item
+            if len(batches) == 2:
+                raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(RelayPipeline, "iter_sample", killed)
+    rc, cap = _run_cli(capsys, *args, "--out", str(part))
+    assert rc == 130 and "--resume" in cap.err
+    assert sorted(_pngs(part)) == ["000004.png", "000005.png", "000006.png", "000007.png"]
+    assert json.loads((part / "relaydiff-sample.json").read_text())["complete"] is False
+    # eval refuses the half-made folder; sample without --resume refuses to mix into it
+    rc, cap = _run_cli(capsys, "eval", "--images", str(part), "--ref", str(full), "--quiet")
+    _one_line_error(rc, cap, "unfinished")
+    rc, cap = _run_cli(capsys, *args, "--out", str(part))
+    _one_line_error(rc, cap, "--resume")
+    # other settings are refused, naming what differs
+    rc, cap = _run_cli(capsys, *[a if a != "3,6" else "3,7" for a in args], "--out", str(part), "--resume")
+    _one_line_error(rc, cap, "steps differ")
+    # --resume makes only the last batch, and the folder equals the uninterrupted run's
+    batches.clear()
+    assert _run_cli(capsys, *args, "--out", str(part), "--resume")[0] == 0
+    assert batches == [4]
+    for sub in (".", "low"):
+        a, b = _pngs(full / sub), _pngs(part / sub)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), sub
+    assert json.loads((part / "relaydiff-sample.json").read_text())["complete"] is True
+    rc, cap = _run_cli(capsys, *args[:-1], "--out", str(part), "--resume")
+    assert rc == 0 and "nothing to do" in cap.out and batches == [4]
+
+
+def test_cli_sample_checks_disk_space_first(checkpoints, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from relaydiff.cli import sample as sample_cli
+    real = shutil.disk_usage
+    monkeypatch.setattr(sample_cli.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000_000))
+    out = tmp_path / "out"
+    # 100,000 images of 32 x 32 x 3 can take ~0.8 GB (32 * 97 raw bytes + slack each): 10 MB free refuses
+    rc, cap = _run_cli(capsys, "sample", "--stage1", checkpoints["base"], "--stage2", checkpoints["relay"],
+                       "--out", str(out), "--n", "100000", "--quiet")
+    _one_line_error(rc, cap, "GB free")
+    assert not out.exists()
+    # the bound is an upper bound of the real PNG sizes
+    assert sample_cli._png_bound(3, 32, 32) >= 32 * 32 * 3

@@ -239,6 +239,21 @@ def test_resume_reaches_the_same_weights(tmp_path, images):
     assert steps == [2, 3, 4, 6]   # the log of the resumed run continues without repeats
 
 
+def test_resume_makes_the_preview_grid_a_kill_lost(tmp_path, images):
+    kw = dict(checkpoint_every=2, sample_every=2, sample_count=4)
+    train(tiny_cfg(images, tmp_path / "a", steps=4, **kw))
+    train(tiny_cfg(images, tmp_path / "b", steps=2, **kw))
+    grid = tmp_path / "b" / "samples" / "step-0000002.png"
+    original = grid.read_bytes()
+    grid.unlink()   # as if killed after the step-2 checkpoint, before its grid
+    train(tiny_cfg(images, tmp_path / "b", steps=4, resume=True, **kw))
+    assert grid.read_bytes() == original   # the same grid (fixed preview inputs, the same weights)
+    assert sorted(os.listdir(tmp_path / "b" / "samples")) == sorted(os.listdir(tmp_path / "a" / "samples"))
+    (ta, _), (tb, _) = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for k in ta:   # making it drew nothing from the training's random streams
+        assert torch.equal(ta[k], tb[k]), k
+
+
 def test_resume_refuses_other_network_and_existing_run(tmp_path, images):
     train(tiny_cfg(images, tmp_path / "r", steps=1))
     with pytest.raises(ConfigError, match="already holds a run"):

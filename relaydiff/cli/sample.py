@@ -8,14 +8,20 @@ images of a batch share its noise draws, so an image is reproduced by the same `
 from seed ``s`` alone, whatever the batch, as EDM's generate.py does), plus ``grid.png``
 with ``--grid`` and the stage-1 images under ``low/`` with ``--save-low``, and
 ``relaydiff-sample.json`` naming the samples (so that ``relaydiff eval --images OUT`` reads
-only those). ``--out`` must be new or empty.
+only those). ``--out`` must be new or empty. Images are written batch by batch as they
+finish, so any number fits in memory; a run that stopped (killed, out of time) continues
+with the same command plus ``--resume``, bit-identically. The disk space the images can
+take (uncompressed PNG bound) is checked before anything is sampled.
 ``--stage2`` takes several relay checkpoints for a cascade.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import shutil
+import sys
 
 from .common import CLIError, new_folder, pick_device
 
@@ -210,15 +216,88 @@ def add_parser(subparsers):
     p.add_argument("--sde-scale", metavar="C", dest="sde_scale",
                    help="stage-1 SDE sampler of the authors' CelebA-HQ script: share C in [0, 1) of fresh noise "
                         "per step (their 0.05; default: the preset's, 0 = EDM's Heun)")
-    p.add_argument("--grid", action="store_true", help="also write grid.png")
+    p.add_argument("--grid", action="store_true", help=f"also write grid.png (the first {GRID_MAX} images)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an unfinished run in --out (same flags): the batches already written are kept")
+    p.add_argument("--no-space-check", action="store_true", dest="no_space_check",
+                   help="skip the upfront check that the images fit on the disk")
     p.add_argument("--save-low", action="store_true", dest="save_low",
                    help="also write the images the last relay stage started from, under low/")
     add_sampler_args(p)
     return p
 
 
+GRID_MAX = 64   # images in grid.png
+# flags that do not change the images (a resumed run may change them)
+_NOT_SETTINGS = {"out", "resume", "quiet", "no_space_check", "grid", "device", "command", "_run"}
+
+
+def _fingerprint(path: str) -> dict:
+    """Which weights a checkpoint argument names and their size and time, so that ``--resume``
+    notices a run directory that has moved on to a newer checkpoint."""
+    from relaydiff.models.checkpoint import read_latest
+    target = os.path.abspath(path)
+    try:
+        if os.path.isdir(target) and os.path.isfile(os.path.join(target, "checkpoints", "latest")):
+            target = str(read_latest(os.path.join(target, "checkpoints")))
+        st = os.stat(target)
+    except (OSError, ValueError):
+        return {"path": target}
+    return {"path": target, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _settings(args, device) -> dict:
+    """Everything the images depend on: the flags (minus output-only ones), the checkpoints'
+    identity and the device type."""
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS and not callable(v)}
+    return {"flags": flags, "stage1": _fingerprint(args.stage1), "stage2": [_fingerprint(s) for s in args.stage2],
+            "device": device.type}
+
+
+def _png_bound(c: int, h: int, w: int) -> int:
+    """Bytes an ``h x w x c`` uint8 PNG takes at most on disk: raw rows with their filter byte,
+    deflate's worst-case growth, headers, and one file-system block of slack."""
+    raw = h * (w * c + 1)
+    return raw + raw // 1000 + 1024 + 4096
+
+
+def _check_space(path: str, need: int, n: int) -> None:
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise CLIError(f"--out {path!r}: {n} images can take up to {need / 1e9:.2f} GB (uncompressed PNG bound), "
+                       f"and {parent!r} has {free / 1e9:.2f} GB free; lower --n or pass --no-space-check")
+
+
+def _unfinished(out: str, settings: dict) -> dict:
+    """The manifest of the unfinished run ``--resume`` continues, checked against ``settings``."""
+    from relaydiff.images import SAMPLE_MANIFEST
+    path = os.path.join(out, SAMPLE_MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        if not isinstance(manifest, dict):
+            raise ValueError
+    except FileNotFoundError:
+        raise CLIError(f"--resume: {out!r} holds no relaydiff sample run ({SAMPLE_MANIFEST} is missing)") from None
+    except (OSError, ValueError, RecursionError):
+        raise CLIError(f"--resume: {path!r} is not a relaydiff sample manifest") from None
+    old = manifest.get("settings")
+    if old != settings:
+        if not isinstance(old, dict):
+            raise CLIError(f"--resume: {path!r} records no settings to continue from")
+        changed = sorted({k for k in (*old.get("flags", {}), *settings["flags"])
+                          if old.get("flags", {}).get(k) != settings["flags"].get(k)}
+                         | {k for k in ("stage1", "stage2", "device") if old.get(k) != settings[k]})
+        raise CLIError(f"--resume: the run in {out!r} was made with other settings ({', '.join(changed)} differ); "
+                       f"repeat its command exactly")
+    return manifest
+
+
 def run(args) -> int:
-    from relaydiff.images import image_grid, save_png, to_uint8, write_sample_manifest
+    from relaydiff.images import SAMPLE_MANIFEST, image_grid, read_image, save_png, to_uint8, write_sample_manifest
 
     if args.seeds is not None and (args.n is not None or args.seed is not None):
         raise CLIError("--seeds gives every image its seed; it replaces --seed and --n")
@@ -232,25 +311,79 @@ def run(args) -> int:
     post = post_process(args)
     stage1 = checkpoint_path(args.stage1, "--stage1")
     stage2 = [checkpoint_path(s, "--stage2") for s in args.stage2]
-    new_folder(args.out, "--out")
+    settings = _settings(args, pick_device(args.device))
+    out = args.out
+    if args.resume:
+        manifest = _unfinished(out, settings)
+        if manifest.get("complete", True):
+            if not args.quiet:
+                print(f"{out}: the run is complete ({len(names)} images); nothing to do")
+            return 0
+    elif os.path.isfile(os.path.join(out, SAMPLE_MANIFEST)) and not _complete(out):
+        raise CLIError(f"--out {out!r} holds an unfinished run; add --resume to continue it, or choose a new folder")
+    else:
+        new_folder(out, "--out")
     pipe = load_pipeline(stage1, stage2, args)
     labels = class_labels(args, pipe, n)
+    c, h, w = pipe.out_shape
+    p = pipe.config.patch_size
+    need = n * (_png_bound(c, h, w) + (_png_bound(c, h // p, w // p) if args.save_low else 0)) + 32 * n
+    if not args.no_space_check and not args.resume:
+        _check_space(out, need, n)
 
-    high, low = pipe.sample(n, labels, steps=steps, seed=None if seeds else seed, seeds=seeds, batch_size=batch,
-                            return_low=True, disable=True if args.quiet else None)
-    os.makedirs(args.out, exist_ok=True)
-    for name, img in zip(names, post(to_uint8(high))):
-        save_png(img, os.path.join(args.out, name))
-    if args.save_low:
-        os.makedirs(os.path.join(args.out, "low"), exist_ok=True)
-        for name, img in zip(names, to_uint8(low)):
-            save_png(img, os.path.join(args.out, "low", name))
-    if args.grid:
-        save_png(image_grid(high), os.path.join(args.out, "grid.png"))
+    low_dir = os.path.join(out, "low")
+    extras = dict(grid="grid.png" if args.grid else None, low="low" if args.save_low else None)
+    os.makedirs(low_dir if args.save_low else out, exist_ok=True)
+    # the batches already on disk (save_png writes a file whole or not at all, batches in order)
+    start = 0
+    if args.resume:
+        def done(name):
+            return os.path.isfile(os.path.join(out, name)) and (
+                not args.save_low or os.path.isfile(os.path.join(low_dir, name)))
+        while start < n and all(done(name) for name in names[start:start + batch]):
+            start += batch
+    else:
+        write_sample_manifest(out, names, complete=False, settings=settings, **extras)
+    batches = () if start >= n else pipe.iter_sample(
+        n, labels, steps=steps, seed=None if seeds else seed, seeds=seeds, batch_size=batch, start=start,
+        disable=True if args.quiet else None)
+    try:
+        for j, high, low in batches:
+            for name, img in zip(names[j:], post(to_uint8(high))):
+                save_png(img, os.path.join(out, name))
+            if args.save_low:
+                for name, img in zip(names[j:], to_uint8(low)):
+                    save_png(img, os.path.join(low_dir, name))
+    except KeyboardInterrupt:
+        print(f"relaydiff sample: the batches written so far are kept; the same command with --resume "
+              f"continues the run", file=sys.stderr)
+        raise
+    if args.grid:   # from the saved files: a resumed run's first batches are on disk only
+        import numpy as np
+        first = np.stack([read_image(os.path.join(out, name), os.path.join(out, name), channels=c)
+                          for name in names[:GRID_MAX]])
+        save_png(image_grid(torch_images(first)), os.path.join(out, "grid.png"))
     # which files are the samples: `relaydiff eval --images OUT` reads only these, not grid.png or low/
-    write_sample_manifest(args.out, names,
-                          grid="grid.png" if args.grid else None, low="low" if args.save_low else None)
+    write_sample_manifest(out, names, complete=True, settings=settings, **extras)
     if not args.quiet:
         nfe = ", ".join(f"{k} {v}" for k, v in pipe.last_nfe.items())
-        print(f"wrote {n} images of {high.shape[-1]}px to {args.out} (NFE per batch: {nfe})")
+        resumed = f" ({start} were already there)" if start else ""
+        print(f"wrote {n} images of {w}px to {out}{resumed} (NFE per batch: {nfe or 'none run'})")
     return 0
+
+
+def torch_images(u8):
+    """``[B, H, W, C]`` uint8 -> ``[B, C, H, W]`` floats in [-1, 1] (the inverse of ``to_uint8``)."""
+    import torch
+
+    from relaydiff.images import uint8_to_float
+    return uint8_to_float(torch.from_numpy(u8).permute(0, 3, 1, 2))
+
+
+def _complete(out: str) -> bool:
+    from relaydiff.images import SAMPLE_MANIFEST
+    try:
+        with open(os.path.join(out, SAMPLE_MANIFEST)) as f:
+            return bool(json.load(f).get("complete", True))
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return True

@@ -253,6 +253,14 @@ def _train(cfg: TrainConfig, dataset: ImageDataset, d: distributed.Dist,
         if previewer is not None:
             previewer.write(ema, run_dir / "samples" / f"step-{step:07d}.png")
 
+    # a kill between a checkpoint and its preview grid: the resumed run makes the grid it owes first
+    # (with the random state set aside, so that the continuation stays the uninterrupted one)
+    owed = cfg.sample_every >= 0 and step > 0 and (
+        (cfg.sample_every > 0 and step % cfg.sample_every == 0) or (total is not None and step >= total))
+    if resume_from is not None and owed and not (run_dir / "samples" / f"step-{step:07d}.png").exists():
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            samples()
+
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=cfg.quiet or not d.is_main)
     params = [p for p in model.parameters() if p.requires_grad]
