@@ -13,8 +13,11 @@ the same data and evaluated the same way:
 Per (arm, seed): generation (64 px samples vs the held-out 64 px images: SWD, FID with
 ``inception``), super-resolution of the held-out images' 4x box-downsamples for the arms with
 a second stage (PSNR/SSIM/consistency/hf_psd/SWD, :func:`relaydiff.demo.superres_scores`),
-denoiser calls per image at 64 px and 16 px, and sampling seconds per image. Results go to
-``OUT/study.json`` after every (arm, seed), so a rerun with the same settings skips what is done.
+denoiser calls per image at 64 px and 16 px, and sampling seconds per image. The 64 px stage
+of every arm also saves ``CURVE_POINTS`` snapshots over its budget; each is scored on the first
+``N_CURVE`` held-out images (gen SWD, and SR PSNR where there is a second stage): the metric vs
+training time curves. Results go to ``OUT/study.json`` after every (arm, seed), so a rerun
+with the same settings skips what is done.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from relaydiff.config import NoiseConfig, RelayConfig
 from relaydiff.demo import BASE_SHARE, LOW, PATCH, TILE, build_data, load_heldout, superres_scores
 from relaydiff.images import from_uint8, load_image, list_images, to_uint8
 
-VERSION = 1
+VERSION = 2                  # 2: metric-vs-training-time curves
 PRESET = "tiny"              # the network of every arm (tiny-relay has the same network)
 BATCH = 16                   # images per optimizer step, every stage of every arm
 CROP = 32                    # second stages (relay, cdm) train on 32 px crops of the 64 px images
@@ -44,6 +47,8 @@ N_HELDOUT = 32               # held-out images (= generated samples per arm and 
 SAMPLE_BATCH = 16
 SMOKE = dict(steps=2, batch=4, n_heldout=4, n_crops=4, max_tiles=16, stage1_steps=3, relay_steps=8, scratch_steps=3)
 EDM_STEPS = 32               # EDM grid of stage 1, scratch and cdm (63 denoiser calls)
+CURVE_POINTS = 3             # snapshots of each arm's 64 px stage: at 1/3, 2/3 and all of its budget
+N_CURVE = 16                 # held-out images (and samples) scoring each snapshot
 
 
 class StudyError(ValueError):
@@ -134,6 +139,16 @@ def _budget(cfg: StudyConfig, share: float) -> dict:
     return dict(steps=None, minutes=None, kimg=cfg.kimg * share)
 
 
+def _snapshots(cfg: StudyConfig, share: float) -> dict:
+    """Checkpoint keywords that snapshot a stage ``CURVE_POINTS`` times over its budget."""
+    b = _budget(cfg, share)
+    if b["minutes"] is not None:
+        return dict(checkpoint_every=10 ** 9, checkpoint_minutes=b["minutes"] / CURVE_POINTS, keep=0)
+    batch = SMOKE["batch"] if cfg.smoke else BATCH
+    total = b["steps"] if b["steps"] is not None else math.ceil(b["kimg"] * 1000 / batch)
+    return dict(checkpoint_every=max(1, math.ceil(total / CURVE_POINTS)), keep=0)
+
+
 def stage_config(arm: str, stage: str, cfg: StudyConfig, data: str, run_dir, seed: int):
     """The :class:`~relaydiff.training.TrainConfig` of ``arm``'s ``stage`` (``"base"``: the shared
     16 px stage 1 of the cascade arms and cdm, or the 64 px scratch model; ``"relay"``)."""
@@ -141,17 +156,17 @@ def stage_config(arm: str, stage: str, cfg: StudyConfig, data: str, run_dir, see
     a = ARMS[arm]
     batch = SMOKE["batch"] if cfg.smoke else BATCH
     common = dict(data=data, out=str(run_dir), batch=batch, labels=False, cache=True, workers=0, seed=seed,
-                  device=cfg.device, quiet=cfg.quiet, log_every=1 if cfg.smoke else 25,
-                  checkpoint_every=10 ** 9, sample_every=-1, keep=1)
+                  device=cfg.device, quiet=cfg.quiet, log_every=1 if cfg.smoke else 25, sample_every=-1)
     if stage == "base" and a.kind == "scratch":
         return TrainConfig(stage="base", preset=PRESET, resolution=TILE, block_noise=a.block_noise,
-                           block_noise_size=4, **_budget(cfg, 1.0), **common)
+                           block_noise_size=4, **_budget(cfg, 1.0), **_snapshots(cfg, 1.0), **common)
     if stage == "base":
-        return TrainConfig(stage="base", preset=PRESET, resolution=LOW, **_budget(cfg, BASE_SHARE), **common)
+        return TrainConfig(stage="base", preset=PRESET, resolution=LOW, **_budget(cfg, BASE_SHARE),
+                           checkpoint_every=10 ** 9, keep=1, **common)
     if a.kind != "cascade":
         raise ValueError(f"arm {arm!r} has no relay stage")
     return TrainConfig(stage="relay", preset=a.relay_preset, resolution=TILE, crop=CROP, relay=a.relay,
-                       **_budget(cfg, 1.0 - BASE_SHARE), **common)
+                       **_budget(cfg, 1.0 - BASE_SHARE), **_snapshots(cfg, 1.0 - BASE_SHARE), **common)
 
 
 def _last_log(run_dir: pathlib.Path) -> dict:
@@ -185,7 +200,8 @@ def train_cdm(cfg: StudyConfig, data: str, run_dir: pathlib.Path, seed: int) -> 
     """Train the cdm arm's second stage with :class:`~relaydiff.diffusion.LowResEDMLoss`: the
     ``tiny`` preset's Adam learning rate, warm-up and EMA, ``CROP`` px crops on the patch grid,
     the second stage's budget. A compact loop (no checkpoints or resume within the run; the
-    EMA weights are saved to ``run_dir/ema.pt``). Returns ``(record, EMA denoiser)``."""
+    EMA weights are saved to ``run_dir/ema.pt``, and snapshots of them every 1/``CURVE_POINTS``
+    of the budget to ``run_dir/snapshots/step-N.pt``). Returns ``(record, EMA denoiser)``."""
     from relaydiff.data import ImageDataset, InfiniteSampler, uint8_to_float
     from relaydiff.diffusion import LowResEDMLoss
     from relaydiff.models import get_preset
@@ -197,6 +213,8 @@ def train_cdm(cfg: StudyConfig, data: str, run_dir: pathlib.Path, seed: int) -> 
     b = _budget(cfg, 1.0 - BASE_SHARE)
     batch = SMOKE["batch"] if cfg.smoke else BATCH
     total = b["steps"] if b["steps"] is not None else (math.ceil(b["kimg"] * 1000 / batch) if b["kimg"] else None)
+    snap = _snapshots(cfg, 1.0 - BASE_SHARE)
+    (run_dir / "snapshots").mkdir()
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = ImageDataset(data, TILE, xflip=True, labels=False, cache=True)
     torch.manual_seed(seed)
@@ -209,6 +227,7 @@ def train_cdm(cfg: StudyConfig, data: str, run_dir: pathlib.Path, seed: int) -> 
                                          generator=torch.Generator().manual_seed(seed))
     batches = iter(loader)
     step, nimg, start = 0, 0, time.monotonic()
+    t_snap = start
     log = open(run_dir / "log.jsonl", "w")
     bar = tqdm(total=total, unit="step", disable=cfg.quiet, desc="cdm")
     while True:
@@ -230,6 +249,10 @@ def train_cdm(cfg: StudyConfig, data: str, run_dir: pathlib.Path, seed: int) -> 
                                   "seconds": seconds}) + "\n")
         if stop:
             break
+        if ("checkpoint_minutes" in snap and time.monotonic() - t_snap >= snap["checkpoint_minutes"] * 60) or \
+                ("checkpoint_minutes" not in snap and step % snap["checkpoint_every"] == 0):
+            torch.save(ema.state_dict(), run_dir / "snapshots" / f"step-{step:07d}.pt")
+            t_snap = time.monotonic()
     bar.close()
     log.close()
     torch.save(ema.state_dict(), run_dir / "ema.pt")
@@ -271,6 +294,84 @@ def sample_edm_batches(denoiser, n: int, resolution: int, steps: int, seed: int,
                             disable=True, return_nfe=True, **st.sampler_kwargs())
         outs.append(x.clamp(-1, 1).cpu())
     return torch.cat(outs), nfe
+
+
+def _final(a: Arm, run: str, device):
+    """The trained 64 px stage of an arm: ``(model, meta)`` (cascade) or the EMA denoiser."""
+    from relaydiff.models import load_model
+    from relaydiff.pipeline import load_stage
+    if a.kind == "cascade":
+        return load_stage(run, "relay", device=device)
+    if a.kind == "cdm":
+        return _load_snapshot(a, pathlib.Path(run) / "ema.pt", device)
+    return load_model(run, device=device)[0].eval()
+
+
+def _load_snapshot(a: Arm, path: pathlib.Path, device):
+    """One snapshot of an arm's 64 px stage, loaded as :func:`_final` loads the end of it."""
+    if a.kind == "cdm":
+        model = build_cdm()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.to(device).eval().requires_grad_(False)
+    return _final(a, str(path), device)
+
+
+def _snapshot_list(a: Arm, run: str) -> list[tuple[int, float, pathlib.Path]]:
+    """``(step, training seconds, file)`` of the snapshots before the end of a 64 px stage; the
+    seconds are interpolated in the run's log (steps vs seconds, from (0, 0))."""
+    run = pathlib.Path(run)
+    files = sorted((run / "snapshots").glob("step-*.pt") if a.kind == "cdm" else
+                   (run / "checkpoints").glob("step-*.safetensors"))
+    rows = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines() if ln.strip()]
+    steps = [0] + [r["step"] for r in rows]
+    seconds = [0.0] + [r["seconds"] for r in rows]
+    out = []
+    for f in files:
+        step = int(f.name.split("-")[1].split(".")[0])
+        if step < steps[-1]:
+            out.append((step, float(np.interp(step, steps, seconds)), f))
+    return out
+
+
+def _outputs(a: Arm, loaded, cfg: StudyConfig, seed: int, device, n: int, low_gen, low_truth):
+    """An arm's 64 px stage at work: ``(gen, sr, nfe64, gen seconds)``: ``n`` generated images
+    (from ``low_gen``, the stage-1 samples, for cascades and cdm) and the super-resolution of
+    ``low_truth`` (``None`` without it or for scratch arms). The first images of a call with a
+    smaller ``n`` are the same draws as a larger call's."""
+    from relaydiff.pipeline import RelayPipeline
+    from relaydiff.sampling import get_preset
+    steps = SMOKE["scratch_steps"] if cfg.smoke else EDM_STEPS
+    sr = None
+    if a.kind == "cascade":
+        model, meta = loaded
+        preset = get_preset(a.sampler)
+        if cfg.smoke:
+            preset = preset.with_steps(None, SMOKE["relay_steps"] if a.sampler == "default" else None)
+        pipe = RelayPipeline(None, model, RelayConfig.from_dict(meta["relay"]), sampler=preset, consistency=True)
+        gen, t = _timed(lambda: pipe.super_resolve(low_gen[:n].to(device), seed=seed, disable=True).cpu(), device)
+        nfe = pipe.last_nfe["relay"]
+        if low_truth is not None:
+            sr = pipe.super_resolve(low_truth[:n].to(device), seed=seed + 1, disable=True).cpu()
+    elif a.kind == "cdm":
+        (gen, nfe), t = _timed(lambda: sample_edm_batches(loaded, n, TILE, steps, seed, low=low_gen[:n],
+                                                          device=device), device)
+        if low_truth is not None:
+            sr, _ = sample_edm_batches(loaded, n, TILE, steps, seed + 1, low=low_truth[:n], device=device)
+    else:
+        noise = NoiseConfig(alpha=a.block_noise, block_size=4)
+        (gen, nfe), t = _timed(lambda: sample_edm_batches(loaded, n, TILE, steps, seed, noise=noise,
+                                                          device=device), device)
+    return gen, sr, nfe, t
+
+
+def _curve_scores(gen, sr, truth) -> dict:
+    """One point of the metric vs training time curves: gen SWD, and SR PSNR / SSIM."""
+    from relaydiff.metrics import swd
+    out = {"gen_swd": swd(gen, truth)["swd_mean"]}
+    if sr is not None:
+        s = superres_scores({"x": sr}, truth)["x"]
+        out.update(sr_psnr=float(s["psnr"].mean()), sr_ssim=float(s["ssim"].mean()))
+    return out
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -316,6 +417,29 @@ def summarize(results: dict, arms, seeds) -> dict:
         if rows:
             summary[arm] = {k: t_interval([r[k] for r in rows]) for k, _, _ in METRICS if all(k in r for r in rows)}
     return summary
+
+
+def curve_summary(results: dict, arms, seeds) -> dict:
+    """``{arm: [point]}``, the metric vs training time curves over seeds: point ``i`` holds the
+    mean training seconds of the ``i``-th snapshot and each metric's :func:`t_interval` (only
+    where every seed has as many snapshots)."""
+    curves = {}
+    for arm in arms:
+        runs = [results[arm][str(s)]["curve"] for s in seeds
+                if "curve" in results.get(arm, {}).get(str(s), {})]
+        if not runs:
+            continue
+        length = min(len(c) for c in runs)
+        points = []
+        for i in range(length):
+            pts = [c[i] for c in runs]
+            point = {"seconds": float(np.mean([p["seconds"] for p in pts])), "n": len(pts)}
+            for key in ("gen_swd", "sr_psnr", "sr_ssim"):
+                if all(key in p for p in pts):
+                    point[key] = t_interval([p[key] for p in pts])
+            points.append(point)
+        curves[arm] = points
+    return curves
 
 
 def _fmt(v: dict | None, key: str) -> str:
@@ -399,7 +523,31 @@ def _plots(out: pathlib.Path, state: dict, arms, seeds) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
-    return written + ["loss.png"]
+    written.append("loss.png")
+    curves = curve_summary(state["results"], arms, seeds)
+    if curves:
+        panels = [("gen_swd", f"gen SWD ({N_CURVE} images)"), ("sr_psnr", f"SR PSNR dB ({N_CURVE} images)")]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, (key, title) in zip(axes, panels):
+            for arm, points in curves.items():
+                pts = [p for p in points if key in p]
+                if pts:
+                    ax.errorbar([p["seconds"] / 60 for p in pts], [p[key]["mean"] for p in pts],
+                                yerr=[p[key]["half"] or 0.0 for p in pts], marker="o", capsize=3, label=arm)
+            if key == "sr_psnr":
+                for name, style in (("nearest", ":"), ("bicubic", "--")):
+                    if name in state.get("baselines", {}):
+                        ax.axhline(state["baselines"][name]["psnr"], color="gray", ls=style, lw=1,
+                                   label=f"{name} (all held-out images)")
+            ax.set_xlabel("training minutes of the arm (cascades: stage 1 + second stage)")
+            ax.set_title(title, fontsize=10)
+        axes[0].set_yscale("log")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=110)
+        plt.close(fig)
+        written.append("curves.png")
+    return written
 
 
 # ------------------------------------------------------------------------------ the study
@@ -446,9 +594,8 @@ def run_study(cfg: StudyConfig) -> dict:
     """Run (or resume) the study; returns the state written to ``OUT/study.json``
     (``settings``, ``stage1`` per seed, ``results[arm][seed]``, ``summary``, ``baselines``,
     ``files``). Raises :class:`StudyError` for bad settings or an unusable ``out``."""
-    from relaydiff.models import load_model
-    from relaydiff.pipeline import RelayPipeline, load_stage
-    from relaydiff.sampling import get_preset, nearest_upsample
+    from relaydiff.pipeline import load_stage
+    from relaydiff.sampling import nearest_upsample
     cfg.validate()
     out = pathlib.Path(cfg.out)
     state = _open_state(cfg, out)
@@ -485,7 +632,6 @@ def run_study(cfg: StudyConfig) -> dict:
         extractor = load_inception(cfg.inception, device=device)
     n = truth.shape[0]
     s1_steps = SMOKE["stage1_steps"] if cfg.smoke else EDM_STEPS
-    scratch_steps = SMOKE["scratch_steps"] if cfg.smoke else EDM_STEPS
 
     jobs = [(a, s) for s, a in itertools.product(cfg.seeds, cfg.arms)]
     todo = [(a, s) for a, s in jobs if str(s) not in state["results"].get(a, {})]
@@ -509,30 +655,27 @@ def run_study(cfg: StudyConfig) -> dict:
             low_gen, nfe16, t1 = stage1_cache[seed]
             if a.kind == "cascade":
                 tr = _train(stage_config(arm, "relay", cfg, data, root / arm, seed))
-                model, meta = load_stage(tr["run"], "relay", device=device)
-                preset = get_preset(a.sampler)
-                if cfg.smoke:
-                    preset = preset.with_steps(None, SMOKE["relay_steps"] if a.sampler == "default" else None)
-                pipe = RelayPipeline(None, model, RelayConfig.from_dict(meta["relay"]), sampler=preset,
-                                     consistency=True)
-                gen, t2 = _timed(lambda: pipe.super_resolve(low_gen.to(device), seed=seed, disable=True).cpu(),
-                                 device)
-                nfe64 = pipe.last_nfe["relay"]
-                sr = pipe.super_resolve(low_truth.to(device), seed=seed + 1, disable=True).cpu()
             else:
-                tr, model = train_cdm(cfg, data, root / arm, seed)
-                (gen, nfe64), t2 = _timed(lambda: sample_edm_batches(model, n, TILE, scratch_steps, seed,
-                                                                     low=low_gen, device=device), device)
-                sr, _ = sample_edm_batches(model, n, TILE, scratch_steps, seed + 1, low=low_truth, device=device)
+                tr, _ = train_cdm(cfg, data, root / arm, seed)
+            gen, sr, nfe64, t2 = _outputs(a, _final(a, tr["run"], device), cfg, seed, device, n, low_gen, low_truth)
             rec.update(nfe_16=nfe16, s_per_image=(t1 + t2) / n, stage1_train_s=s1["train_s"])
+            offset = s1["train_s"]
         else:
             tr = _train(stage_config(arm, "base", cfg, data, root / arm, seed))
-            model, _ = load_model(tr["run"], device=device)
-            noise = NoiseConfig(alpha=a.block_noise, block_size=4)
-            (gen, nfe64), t2 = _timed(lambda: sample_edm_batches(model.eval(), n, TILE, scratch_steps, seed,
-                                                                 noise=noise, device=device), device)
-            sr = None
+            low_gen = None
+            gen, sr, nfe64, t2 = _outputs(a, _final(a, tr["run"], device), cfg, seed, device, n, None, None)
             rec.update(nfe_16=0, s_per_image=t2 / n)
+            offset = 0.0
+        k = min(N_CURVE, n)
+        curve = []
+        for step, seconds, path in tqdm(_snapshot_list(a, tr["run"]), desc=f"{arm} snapshots", unit="snapshot",
+                                        disable=cfg.quiet, leave=False):
+            g, s, _, _ = _outputs(a, _load_snapshot(a, path, device), cfg, seed, device, k,
+                                  None if low_gen is None else low_gen[:k], None if sr is None else low_truth[:k])
+            curve.append({"step": step, "seconds": offset + seconds, **_curve_scores(g, s, truth[:k])})
+        curve.append({"step": tr["steps"], "seconds": offset + tr["train_s"],
+                      **_curve_scores(gen[:k], None if sr is None else sr[:k], truth[:k])})
+        rec["curve"] = curve
         rec.update(_score(gen, sr, truth, extractor), nfe_64=nfe64, train_steps=tr["steps"], train_s=tr["train_s"],
                    kimg=tr["kimg"], run=tr["run"])
         pack = {"gen": to_uint8(gen)}

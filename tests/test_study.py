@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from relaydiff.images import save_png
-from relaydiff.study import ARMS, StudyConfig, StudyError, build_cdm, run_study, stage_config, t_interval
+from relaydiff.study import (ARMS, StudyConfig, StudyError, build_cdm, curve_summary, run_study, stage_config,
+                             t_interval)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def test_smoke_study_writes_outputs_and_resumes(tmp_path, tiny_data):
     cfg = _cfg(tmp_path, tiny_data, arms=("relay-short", "scratch-block", "cdm"), seeds=(0, 1))
     state = run_study(cfg)
     out = tmp_path / "study"
-    for f in ("study.json", "study.md", "samples.png", "superres.png", "metrics.png", "loss.png"):
+    for f in ("study.json", "study.md", "samples.png", "superres.png", "metrics.png", "loss.png", "curves.png"):
         assert (out / f).is_file(), f
     saved = json.loads((out / "study.json").read_text())
     assert set(saved["results"]) == {"relay-short", "scratch-block", "cdm"}
@@ -142,6 +143,26 @@ def test_smoke_study_writes_outputs_and_resumes(tmp_path, tiny_data):
     table = (out / "study.md").read_text()
     assert "| relay-short | 2 |" in table and "± " in table and "bicubic (no training)" in table
     assert state["summary"] == saved["summary"]
+    # metric vs training time: 2 smoke steps, a snapshot every ceil(2 / CURVE_POINTS) = 1 step
+    for arm in ("relay-short", "scratch-block", "cdm"):
+        curve = saved["results"][arm]["0"]["curve"]
+        assert [p["step"] for p in curve] == [1, 2], arm
+        assert 0 < curve[0]["seconds"] < curve[1]["seconds"], arm
+        assert all(np.isfinite(p["gen_swd"]) for p in curve)
+        assert curve[0]["gen_swd"] != curve[1]["gen_swd"], arm   # the snapshot is another model
+        assert all(("sr_psnr" in p) == (arm != "scratch-block") for p in curve), arm
+    curves = curve_summary(saved["results"], ["cdm"], [0, 1])["cdm"]
+    assert len(curves) == 2 and curves[1]["gen_swd"]["n"] == 2
+    assert curves[1]["gen_swd"]["mean"] == pytest.approx(
+        np.mean([saved["results"]["cdm"][s]["curve"][1]["gen_swd"] for s in ("0", "1")]))
+    # a curve point scores the first images of the same draws as the full evaluation
+    from relaydiff.study import _final, _outputs
+    for arm in ("relay-short", "cdm", "scratch-block"):
+        a, run = ARMS[arm], saved["results"][arm]["0"]["run"]
+        low = torch.rand(3, 3, 16, 16) * 2 - 1
+        big = _outputs(a, _final(a, run, torch.device("cpu")), cfg, 0, torch.device("cpu"), 3, low, low)
+        small = _outputs(a, _final(a, run, torch.device("cpu")), cfg, 0, torch.device("cpu"), 2, low, low)
+        torch.testing.assert_close(small[0], big[0][:2], rtol=0, atol=1e-5)
 
     # resume: the recorded (arm, seed) results are kept, only the new arm trains
     stamp = (out / "runs" / "seed0" / "cdm" / "ema.pt").stat().st_mtime_ns

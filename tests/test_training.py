@@ -254,6 +254,18 @@ def test_resume_makes_the_preview_grid_a_kill_lost(tmp_path, images):
         assert torch.equal(ta[k], tb[k]), k
 
 
+def test_checkpoint_minutes_snapshots_a_timed_run(tmp_path, images):
+    # 1e-6 minutes: every step is past due, so every step checkpoints (checkpoint_every is far off)
+    train(tiny_cfg(images, tmp_path / "a", steps=3, keep=0, checkpoint_minutes=1e-6))
+    files = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("*.safetensors"))
+    assert len(files) == 3, files
+    train(tiny_cfg(images, tmp_path / "b", steps=3, keep=0, checkpoint_minutes=60))
+    assert len(list((tmp_path / "b" / "checkpoints").glob("*.safetensors"))) == 1   # the end only
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="checkpoint_minutes must be a positive number"):
+            tiny_cfg(images, tmp_path / "c", checkpoint_minutes=bad).resolved()
+
+
 def test_resume_refuses_other_network_and_existing_run(tmp_path, images):
     train(tiny_cfg(images, tmp_path / "r", steps=1))
     with pytest.raises(ConfigError, match="already holds a run"):

@@ -108,6 +108,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=50, help="steps between log.jsonl lines (default 50)")
     g.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (default 1000; "
                    "one is always written at the end)")
+    g.add_argument("--checkpoint-minutes", type=float, metavar="M",
+                   help="also checkpoint whenever M minutes of wall clock passed since the last one")
     g.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids in samples/ "
                    "(default 1000; 0: only at the end; -1: never)")
     g.add_argument("--sample-count", type=int, default=16, help="images per sample grid (default 16)")
@@ -160,7 +162,7 @@ def build_config(args):
         compile=args.compile, grad_checkpointing=args.grad_checkpointing, minutes=args.minutes, seed=args.seed,
         device=args.device, resume=args.resume, quiet=args.quiet, relay=_relay_config(args, PRESETS[args.preset]),
         workers=args.workers, cache=_TRI[args.cache], log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, sample_count=args.sample_count,
+        checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes, sample_every=args.sample_every, sample_count=args.sample_count,
         keep=args.keep, block_noise=args.block_noise, **noise)
     try:
         cfg.resolved()

@@ -58,6 +58,7 @@ class TrainConfig:
     cache: bool | None = None               # keep decoded images in memory (None: when <= 256 MiB)
     log_every: int = 50                     # steps between log.jsonl lines
     checkpoint_every: int = 1000            # steps between checkpoints (one is always written at the end)
+    checkpoint_minutes: float | None = None # also a checkpoint whenever this much wall clock passed since one
     sample_every: int = 1000                # steps between sample grids (0: only at the end, -1: never)
     sample_count: int = 16                  # images per sample grid
     keep: int = 3                           # checkpoints kept (0: all)
@@ -140,6 +141,10 @@ class TrainConfig:
             raise ConfigError("give steps or kimg, not both")
         if self.steps is not None:
             positive_int("steps")
+        if self.checkpoint_minutes is not None and (
+                isinstance(self.checkpoint_minutes, bool) or not isinstance(self.checkpoint_minutes, (int, float))
+                or not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes > 0)):
+            raise ConfigError(f"checkpoint_minutes must be a positive number of minutes; got {self.checkpoint_minutes!r}")
         for name in ("kimg", "minutes", "grad_clip", "ema_rampup"):
             non_negative(name, allow_none=True)
         for name in ("lr", "warmup_kimg", "ema_halflife_kimg", "dropout", "label_dropout"):

@@ -265,7 +265,7 @@ def _train(cfg: TrainConfig, dataset: ImageDataset, d: distributed.Dist,
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=cfg.quiet or not d.is_main)
     params = [p for p in model.parameters() if p.requires_grad]
     start = time.monotonic()
-    t_log, step_log = start, step
+    t_log, step_log, t_checkpoint = start, step, start
     loss_sum = torch.zeros(2, dtype=torch.float64, device=dev)   # sum of per-element means, count
     grad_norm = float("nan")
     while total is None or step < total:
@@ -317,8 +317,11 @@ def _train(cfg: TrainConfig, dataset: ImageDataset, d: distributed.Dist,
             if d.is_main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-        if step % cfg.checkpoint_every == 0 or stop:
+        timed = cfg.checkpoint_minutes is not None and d.any(
+            time.monotonic() - t_checkpoint >= cfg.checkpoint_minutes * 60)
+        if step % cfg.checkpoint_every == 0 or stop or timed:
             checkpoint()
+            t_checkpoint = time.monotonic()
         if (cfg.sample_every > 0 and step % cfg.sample_every == 0) or (stop and cfg.sample_every >= 0):
             samples()
         if stop:
