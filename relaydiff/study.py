@@ -442,6 +442,50 @@ def curve_summary(results: dict, arms, seeds) -> dict:
     return curves
 
 
+PAIRED = ("gen_swd", "gen_fid", "sr_psnr", "sr_ssim", "sr_hf_psd", "sr_swd")
+
+
+def paired_differences(results: dict, arms, seeds, reference: str) -> dict:
+    """``{arm: {metric: t_interval of (arm - reference) over the seeds both have}}``. Arms of
+    one seed share its stage 1, its held-out images and its sampling seeds, so the per-seed
+    difference removes what the seed does to both: a paired comparison, tighter than
+    comparing the two arms' own intervals."""
+    out = {}
+    ref = results.get(reference, {})
+    for arm in arms:
+        if arm == reference:
+            continue
+        common = [str(s) for s in seeds if str(s) in ref and str(s) in results.get(arm, {})]
+        cells = {}
+        for key in PAIRED:
+            if common and all(key in ref[s] and key in results[arm][s] for s in common):
+                cells[key] = t_interval([results[arm][s][key] - ref[s][key] for s in common])
+        if cells:
+            out[arm] = cells
+    return out
+
+
+def paired_table(paired: dict, reference: str) -> str:
+    """Markdown: each arm minus ``reference``, per seed then mean ± 95% t half-width; a
+    difference whose interval excludes 0 is marked ``*``."""
+    keys = [k for k, _, _ in METRICS if k in PAIRED and any(k in c for c in paired.values())]
+    titles = {k: t for k, t, _ in METRICS}
+    lines = [f"Paired differences, arm minus `{reference}` (same seed: same stage 1, held-out images and "
+             f"sampling seeds); `*`: the 95% interval excludes 0.", "",
+             "| arm | seeds | " + " | ".join(f"Δ {titles[k]}" for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for arm, cells in paired.items():
+        n = max(v["n"] for v in cells.values())
+        row = []
+        for k in keys:
+            v = cells.get(k)
+            text = _fmt(v, k) if v is not None else "n/a"
+            if v is not None and v["half"] is not None and abs(v["mean"]) > v["half"]:
+                text += " *"
+            row.append(text)
+        lines.append(f"| {arm} | {n} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(v: dict | None, key: str) -> str:
     if v is None:
         return "n/a"
@@ -529,19 +573,21 @@ def _plots(out: pathlib.Path, state: dict, arms, seeds) -> list[str]:
         panels = [("gen_swd", f"gen SWD ({N_CURVE} images)"), ("sr_psnr", f"SR PSNR dB ({N_CURVE} images)")]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, (key, title) in zip(axes, panels):
-            for arm, points in curves.items():
-                pts = [p for p in points if key in p]
+            for i, arm in enumerate(arms):   # one colour per arm in both panels
+                pts = [p for p in curves.get(arm, []) if key in p]
                 if pts:
                     ax.errorbar([p["seconds"] / 60 for p in pts], [p[key]["mean"] for p in pts],
-                                yerr=[p[key]["half"] or 0.0 for p in pts], marker="o", capsize=3, label=arm)
+                                yerr=[p[key]["half"] or 0.0 for p in pts], marker="o", capsize=3, label=arm,
+                                color=f"C{i}")
             if key == "sr_psnr":
                 for name, style in (("nearest", ":"), ("bicubic", "--")):
-                    if name in state.get("baselines", {}):
-                        ax.axhline(state["baselines"][name]["psnr"], color="gray", ls=style, lw=1,
-                                   label=f"{name} (all held-out images)")
+                    if name in state.get("curve_baselines", {}):
+                        ax.axhline(state["curve_baselines"][name], color="gray", ls=style, lw=1,
+                                   label=f"{name} (same {N_CURVE} images)")
             ax.set_xlabel("training minutes of the arm (cascades: stage 1 + second stage)")
             ax.set_title(title, fontsize=10)
         axes[0].set_yscale("log")
+        axes[0].legend(fontsize=7)
         axes[1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "curves.png", dpi=110)
@@ -626,6 +672,11 @@ def run_study(cfg: StudyConfig) -> dict:
                               "nearest": nearest_upsample(low_truth, PATCH),
                               "bicubic": F.interpolate(low_truth, scale_factor=PATCH, mode="bicubic",
                                                        align_corners=False).clamp(-1, 1)}, truth).items()}
+    k = min(N_CURVE, truth.shape[0])   # the curves' images: their own nearest / bicubic references
+    state["curve_baselines"] = {name: float(v["psnr"].mean()) for name, v in superres_scores({
+        "nearest": nearest_upsample(low_truth[:k], PATCH),
+        "bicubic": F.interpolate(low_truth[:k], scale_factor=PATCH, mode="bicubic", align_corners=False).clamp(-1, 1)},
+        truth[:k]).items()}
     extractor = None
     if cfg.inception is not None:
         from relaydiff.metrics import load_inception
@@ -688,6 +739,10 @@ def run_study(cfg: StudyConfig) -> dict:
 
     state["summary"] = summarize(state["results"], cfg.arms, cfg.seeds)
     table = markdown_table(state["summary"], state["baselines"])
+    reference = "relay" if "relay" in cfg.arms else cfg.arms[0]
+    state["paired"] = {"reference": reference,
+                       "arms": paired_differences(state["results"], cfg.arms, cfg.seeds, reference)}
+    table += "\n" + paired_table(state["paired"]["arms"], reference)
     (out / "study.md").write_text(_report(cfg, table))
     state["files"] = ["study.json", "study.md"] + _plots(out, state, cfg.arms, cfg.seeds)
     _save_state(out, state)

@@ -143,6 +143,12 @@ def test_smoke_study_writes_outputs_and_resumes(tmp_path, tiny_data):
     table = (out / "study.md").read_text()
     assert "| relay-short | 2 |" in table and "± " in table and "bicubic (no training)" in table
     assert state["summary"] == saved["summary"]
+    # paired differences: per seed, arm minus reference, then the t interval of those
+    pairs = saved["paired"]
+    assert pairs["reference"] == "relay-short" and set(pairs["arms"]) == {"scratch-block", "cdm"}
+    d = [saved["results"]["cdm"][s]["sr_psnr"] - saved["results"]["relay-short"][s]["sr_psnr"] for s in ("0", "1")]
+    assert pairs["arms"]["cdm"]["sr_psnr"] == t_interval(d)
+    assert "sr_psnr" not in pairs["arms"]["scratch-block"] and "Paired differences" in table
     # metric vs training time: 2 smoke steps, a snapshot every ceil(2 / CURVE_POINTS) = 1 step
     for arm in ("relay-short", "scratch-block", "cdm"):
         curve = saved["results"][arm]["0"]["curve"]

@@ -59,7 +59,7 @@ def parse_seeds(value: str) -> tuple[int, ...]:
 
 
 def run(args) -> int:
-    from relaydiff.study import StudyConfig, StudyError, markdown_table, run_study
+    from relaydiff.study import StudyConfig, StudyError, markdown_table, paired_table, run_study
 
     minutes = parse_float(args.minutes, "--minutes")
     kimg = parse_float(args.kimg, "--kimg")
@@ -81,5 +81,6 @@ def run(args) -> int:
     except StudyError as e:
         raise CLIError(str(e)) from None
     print(markdown_table(state["summary"], state["baselines"]), end="")
+    print("\n" + paired_table(state["paired"]["arms"], state["paired"]["reference"]), end="")
     print(f"relaydiff study: wrote {', '.join(state['files'])} in {cfg.out}")
     return 0
