@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from relaydiff.config import NoiseConfig, RelayConfig
 from relaydiff.ops._validate import check_image, check_seed
 
-from .sampling import cfg, get_preset, nearest_upsample, relay_init, sample_edm, sample_relay
+from .sampling import cfg, edm_grid, get_preset, nearest_upsample, relay_init, sample_edm, sample_relay
 from .sampling.presets import SamplerPreset
 from .sampling.seeds import check_seeds, derive_seed, seeded, split_seed
 
@@ -243,12 +243,15 @@ class RelayPipeline:
     def _sample_base(self, n: int, labels, seed: int, steps, disable) -> torch.Tensor:
         st = self._preset(steps).stage1
         # the grid within the levels stage 1 supports (a VP, VE or iDDPM model's sigma_min and
-        # sigma_max attributes), as EDM's generate.py clamps it
+        # sigma_max attributes), as EDM's generate.py clamps it; sample_edm rounds it with the
+        # model's round_sigma as EDM does (iDDPM: its discrete levels; the identity for the others),
+        # and the latent starts at the rounded top level
         lo = max(st.sigma_min, float(getattr(self.stage1, "sigma_min", 0.0) or 0.0))
         hi = min(st.sigma_max, float(getattr(self.stage1, "sigma_max", math.inf) or math.inf))
         sigmas = dataclasses.replace(st, sigma_min=lo, sigma_max=hi).sigmas(self.device)
         latent = torch.empty((n, *self.low_shape), device=self.device)
-        latent = seeded(self.base_noise.draw, split_seed(seed, _LATENT), latent) * float(sigmas[0])
+        top = float(edm_grid(self.stage1, sigmas)[0])
+        latent = seeded(self.base_noise.draw, split_seed(seed, _LATENT), latent) * top
         x, self.last_nfe["stage1"] = sample_edm(
             cfg(self.stage1, st.cfg), latent, sigmas, class_labels=self._for(self.stage1, labels),
             noise=self.base_noise, seed=split_seed(seed, _BASE), disable=disable, return_nfe=True,

@@ -335,3 +335,186 @@ def test_cli_authors_switches(tmp_path, monkeypatch, capsys):
                    "--out", str(tmp_path / "o2"), *argv])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and needle in err[0], err
+
+
+# ------------------------------------------------------------ the authors' class labels
+
+def test_authors_class_labels_are_seed_mod_label_dim():
+    """Their generate scripts: ``torch.eye(label_dim)[batch_seeds % label_dim]`` (one-hot rows)."""
+    from relaydiff.sampling import authors_class_labels
+    seeds = [10000, 10001, 10999, 11000, 59999, 3, 1234567]
+    theirs = torch.eye(1000)[torch.as_tensor(seeds) % 1000]
+    ours = authors_class_labels(seeds, 1000)
+    assert ours.dtype == torch.int64 and ours.tolist() == [0, 1, 999, 0, 999, 3, 567]
+    assert torch.equal(torch.nn.functional.one_hot(ours, 1000).float(), theirs)
+    assert torch.equal(authors_class_labels(torch.tensor(seeds), 7), torch.as_tensor(seeds) % 7)
+    # their 50 000 ImageNet seeds: the class-balanced set, 50 images per class
+    assert torch.equal(torch.bincount(authors_class_labels(range(10000, 60000), 1000)), torch.full((1000,), 50))
+    for bad_dim in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match="label_dim must be a positive integer"):
+            authors_class_labels(seeds, bad_dim)
+    with pytest.raises(ValueError, match="per-image integer seeds"):
+        authors_class_labels([1, None], 10)
+    with pytest.raises(ValueError, match="seed must be None or an integer"):
+        authors_class_labels([1, -1], 10)
+
+
+def _fake_upscale_pipeline(monkeypatch, label_dim):
+    """``RelayPipeline.from_checkpoints`` replaced by a relay-only pipeline of toy stages (4 -> 16px)."""
+    made = {}
+
+    def fake(stage1, *stage2, sampler, **kwargs):
+        assert stage1 is None
+        made["pipe"] = RelayPipeline(None, Toy(16, label_dim), RelayConfig.celebahq256(normalize_noise=False),
+                                     sampler=sampler, low_shape=(3, 4, 4), label_dim=label_dim)
+        return made["pipe"]
+
+    monkeypatch.setattr(RelayPipeline, "from_checkpoints", staticmethod(fake))
+    return made
+
+
+def _u8_to_float(path):
+    return torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).double()[None] / 127.5 - 1
+
+
+def test_cli_upscale_class_seed_mod(tmp_path, monkeypatch, capsys):
+    """``upscale --seeds LIST --class seed-mod``: the image of seed s is made with class s % label_dim
+    (their second-stage-only run), per image; without --class, random classes from the seeds."""
+    from relaydiff.cli import main
+    from relaydiff.images import to_uint8
+
+    made = _fake_upscale_pipeline(monkeypatch, label_dim=5)
+    src = tmp_path / "in"
+    src.mkdir()
+    g = np.random.default_rng(3)
+    for name in ("a", "b", "c"):
+        Image.fromarray(g.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(src / f"{name}.png")
+    (tmp_path / "relay").write_text("x")
+    seeds = [12, 7, 9]
+    common = ["upscale", "--stage2", str(tmp_path / "relay"), "--in", str(src), "--steps", "12",
+              "--preset", "authors-celebahq256", "--seeds", "12,7,9", "--batch", "2", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "mod"), "--class", "seed-mod"]) == 0, capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "rand")]) == 0, capsys.readouterr().err
+    pipe = made["pipe"]
+    for k, name in enumerate("abc"):
+        low = _u8_to_float(src / f"{name}.png")
+        want = pipe.super_resolve(low, [seeds[k] % 5], seeds=[seeds[k]], steps=12, disable=True)
+        got = np.array(Image.open(tmp_path / "mod" / f"{name}.png"))
+        assert np.array_equal(got, to_uint8(want)[0])
+    # classes 2, 2, 4 against the random classes drawn from the seeds: other images
+    assert any(not np.array_equal(np.array(Image.open(tmp_path / "mod" / f"{n}.png")),
+                                  np.array(Image.open(tmp_path / "rand" / f"{n}.png"))) for n in "abc")
+    rc = main([*common[:-5], "--quiet", "--out", str(tmp_path / "o2"), "--class", "seed-mod"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--class seed-mod" in err[0] and "needs --seeds" in err[0], err
+    assert not (tmp_path / "o2").exists()
+    _fake_upscale_pipeline(monkeypatch, label_dim=0)
+    rc = main([*common, "--out", str(tmp_path / "o3"), "--class", "seed-mod"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "unconditional" in err[0], err
+    assert not (tmp_path / "o3").exists()
+
+
+# ------------------------------------------------------------ iDDPM: EDM rounds every level
+
+class _EpsNet(torch.nn.Module):
+    """A parameter-free network with EDM's signature and iDDPM's 2C outputs: the first C channels
+    predict the noise of per-pixel Gaussian data with variance 0.04 at the level its ``c_noise``
+    names in the table ``u``, plus a nonlinear spatial term; the other C are unused."""
+    img_resolution, in_channels, out_channels, label_dim = 4, 3, 6, 0
+
+    def __init__(self, u):
+        super().__init__()
+        self.u = u.to(F64)
+
+    def forward(self, x_in, c_noise, class_labels=None):
+        s = self.u[(len(self.u) - 2 - c_noise).round().long()].to(x_in.dtype)[:, None, None, None]
+        eps = s * (s * s + 1).sqrt() / (0.04 + s * s) * x_in
+        f = eps + 0.05 * torch.tanh(x_in.roll(1, -1) - x_in.roll(1, -2)) / (1 + s)
+        return torch.cat([f, torch.zeros_like(f)], 1)
+
+
+def _iddpm():
+    from relaydiff.models.precond import iDDPMPrecond, iddpm_levels
+    return iDDPMPrecond(_EpsNet(iddpm_levels(dtype=torch.float32)))
+
+
+def _edm_reference(net, latents, churn_seed, *, num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                   S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, rounding=True):
+    """EDM's generate.py edm_sampler, literally (float64 state; the net sees ``latents.dtype``)."""
+    rnd = net.round_sigma if rounding else torch.as_tensor
+    sigma_min, sigma_max = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
+    t_steps = torch.cat([rnd(_karras(num_steps, sigma_min, sigma_max, rho)), torch.zeros(1, dtype=F64)])
+    x_next = latents * t_steps[0]
+    dtype, x_next = x_next.dtype, x_next.to(F64)
+
+    def d(x, t):
+        return net(x.to(dtype), torch.full((x.shape[0],), float(t), dtype=dtype)).to(F64)
+
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = rnd(t_cur + gamma * t_cur)
+        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * mixed_noise(
+            x_cur, alpha=0.0, seed=derive_seed(churn_seed, i))
+        d_cur = (x_hat - d(x_hat, t_hat)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            d_prime = (x_next - d(x_next, t_next)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+# EDM's ImageNet-64 ADM (iDDPM) settings, churn 40 in [0.05, 50], S_noise 1.003, on 96 instead
+# of 256 steps (fast; 96 levels rounded to u still repeat 5 of them)
+ADM = dict(num_steps=96, S_churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.003)
+
+
+def test_sample_edm_rounds_iddpm_levels_like_edm():
+    from relaydiff.sampling import edm_grid
+    net = _iddpm()
+    sigmas = torch.cat([_karras(96, net.sigma_min, 80.0, 7.0), torch.zeros(1, dtype=F64)])
+    grid = edm_grid(net, sigmas)
+    # snapped to the table: the top is u's level nearest 80, and the dense ends repeat levels
+    assert float(grid[0]) == float(net.u[(net.u.double() - 80).abs().argmin()]) != 80.0
+    assert bool(torch.isin(grid[:-1], net.u.double()).all()) and grid[:-1].unique().numel() < 96
+    latents = mixed_noise(torch.empty(2, 3, 4, 4, dtype=F64), alpha=0.0, seed=321)
+    ours, nfe = sample_edm(net, latents * float(grid[0]), sigmas, seed=9, s_churn=40.0, s_min=0.05, s_max=50.0,
+                           s_noise=1.003, disable=True, return_nfe=True)
+    theirs = _edm_reference(net, latents, 9, **ADM)
+    assert nfe == 2 * 96 - 1 and 0.05 < ours.abs().max() < 2
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=ATOL)
+    # the rounding matters: without it (relaydiff before) the images differ
+    plain = sample_edm(net, latents * 80.0, sigmas, seed=9, s_churn=40.0, s_min=0.05, s_max=50.0, s_noise=1.003,
+                       round_sigma=False, disable=True)
+    assert (plain - theirs).abs().max() > 1e-3
+    torch.testing.assert_close(plain, _edm_reference(net, latents, 9, **ADM, rounding=False), rtol=0, atol=ATOL)
+    # an EDMPrecond-like denoiser (round_sigma the identity) samples as before, bit for bit
+    toy, short = Toy(4), sigmas[::4]
+    toy.round_sigma = torch.as_tensor
+    a = sample_edm(toy, latents * 80.0, short, seed=9, s_churn=40.0, s_min=0.05, s_max=50.0, disable=True)
+    assert torch.equal(a, sample_edm(Toy(4), latents * 80.0, short, seed=9, s_churn=40.0, s_min=0.05,
+                                     s_max=50.0, disable=True))
+    with pytest.raises(ValueError, match="takes the level .* to 0"):
+        edm_grid(net, torch.tensor([1.0, 0.002, 0.0], dtype=F64))   # below u's lowest level: rounds to u_M = 0
+
+
+def test_pipeline_stage1_rounds_iddpm_levels_like_edm():
+    """RelayPipeline's stage 1 with an iDDPM model: EDM's sampler with the grid clamped to the
+    model's range and rounded, the latent scaled by the rounded top level."""
+    from relaydiff.config import NoiseConfig
+    from relaydiff.pipeline import _BASE, _LATENT
+    from relaydiff.sampling import EDMSampling, SamplerPreset
+    net = _iddpm()
+    preset = SamplerPreset(EDMSampling(steps=96, s_churn=40.0, s_min=0.05, s_max=50.0, s_noise=1.003),
+                           dataclasses.replace(PRESETS["authors-celebahq256"].relay, steps=12))
+    pipe = RelayPipeline(net, Toy(16), RelayConfig.celebahq256(normalize_noise=False), sampler=preset)
+    seeds = [4, 17]
+    _, low = pipe.sample(seeds=seeds, batch_size=2, return_low=True, disable=True)
+    for k, s in enumerate(seeds):
+        latents = NoiseConfig().draw(torch.empty(1, 3, 4, 4), seed=derive_seed(s, _LATENT))
+        theirs = _edm_reference(net, latents, derive_seed(s, _BASE), **ADM)
+        assert theirs.abs().max() < 1                                   # the clamp to [-1, 1] is a no-op
+        torch.testing.assert_close(low[k:k + 1].double(), theirs, rtol=0, atol=1e-5)
+        unrounded = _edm_reference(net, latents, derive_seed(s, _BASE), **ADM, rounding=False)
+        assert (unrounded - theirs).abs().max() > 1e-3

@@ -423,3 +423,51 @@ def test_cli_sample_checks_disk_space_first(checkpoints, tmp_path, capsys, monke
     assert not out.exists()
     # the bound is an upper bound of the real PNG sizes
     assert sample_cli._png_bound(3, 32, 32) >= 32 * 32 * 3
+
+
+def test_cli_upscale_per_image_seeds(checkpoints, tmp_path, capsys):
+    """``upscale --seeds``: one seed per input (sorted by name); output k depends on input k and
+    seed k alone: the same PNGs in any --batch, and image k upscaled alone with its seed gives
+    its PNG (which is the pipeline's super_resolve with that seed)."""
+    src = tmp_path / "in"
+    _write_inputs(src, 8, names=("a", "b", "c", "d", "e"))
+    args = ["upscale", "--stage2", checkpoints["relay"], "--in", str(src), "--steps", "8", "--seeds", "5,1,9,3-4",
+            "--quiet"]
+    for batch in ("2", "5"):
+        rc, cap = _run_cli(capsys, *args, "--batch", batch, "--out", str(tmp_path / f"b{batch}"))
+        assert rc == 0, cap.err
+    two, five = _pngs(tmp_path / "b2"), _pngs(tmp_path / "b5")
+    assert sorted(two) == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    assert all(np.array_equal(two[k], five[k]) for k in two)
+    assert len({two[k].tobytes() for k in two}) == 5
+    pipe = RelayPipeline.from_checkpoints(None, checkpoints["relay"], sampler=FAST)
+    for name, seed in (("b", "1"), ("e", "4")):
+        alone = tmp_path / f"alone_{name}"
+        _write_inputs(alone, 8, names=("a", "b", "c", "d", "e"))
+        for other in "abcde":
+            if other != name:
+                (alone / f"{other}.png").unlink()
+        rc, cap = _run_cli(capsys, *[a if a != "5,1,9,3-4" else seed for a in args], "--in", str(alone),
+                           "--out", str(tmp_path / f"out_{name}"))
+        assert rc == 0, cap.err
+        got = np.array(Image.open(tmp_path / f"out_{name}" / f"{name}.png"))
+        assert np.array_equal(got, two[f"{name}.png"])
+        low = torch.from_numpy(np.array(Image.open(alone / f"{name}.png"))).permute(2, 0, 1)[None].float() / 127.5 - 1
+        want = pipe.super_resolve(low, seeds=[int(seed)], steps=8, disable=True)
+        assert (torch.from_numpy(got).permute(2, 0, 1).float() / 127.5 - 1 - want[0]).abs().max() <= 1 / 127.5 + 1e-6
+    # another seed for image b: another image
+    rc, cap = _run_cli(capsys, *[a if a != "5,1,9,3-4" else "6" for a in args], "--in", str(tmp_path / "alone_b"),
+                       "--out", str(tmp_path / "b6"))
+    assert rc == 0 and not np.array_equal(_pngs(tmp_path / "b6")["b.png"], two["b.png"])
+    # one seed per input image, else a one-line error and nothing written
+    out = tmp_path / "bad"
+    for seeds, needle in (("1-4", "--seeds names 4 seeds for the 5 images"),
+                          ("0-5", "--seeds names 6 seeds for the 5 images"), ("2-1", "--seeds must be")):
+        rc, cap = _run_cli(capsys, *[a if a != "5,1,9,3-4" else seeds for a in args], "--out", str(out))
+        _one_line_error(rc, cap, needle)
+        assert not out.exists()
+    rc, cap = _run_cli(capsys, *args, "--seed", "3", "--out", str(out))
+    _one_line_error(rc, cap, "replaces --seed")
+    rc, cap = _run_cli(capsys, *args, "--class", "seed-mod", "--out", str(out))
+    _one_line_error(rc, cap, "unconditional")
+    assert not out.exists()

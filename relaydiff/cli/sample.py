@@ -85,7 +85,8 @@ def add_sampler_args(p) -> None:
                         "FIDs (authors-enhance: the one of the --preset authors-*); off by default")
     p.add_argument("--consistency", action="store_true",
                    help="keep the low-resolution image's patch means: the output box-downsamples to it")
-    p.add_argument("--class", metavar="K", dest="class_idx", help="class index for every image "
+    p.add_argument("--class", metavar="K", dest="class_idx", help="class index for every image, or seed-mod "
+                   "with --seeds: the image of seed s gets class s %% classes, as the authors' scripts "
                    "(class-conditional models; default: random classes from the seed)")
     p.add_argument("--seed", help="base random seed (default 0)")
     p.add_argument("--batch", default="16", help="images per batch (default 16)")
@@ -197,6 +198,27 @@ def class_labels(args, pipe, n: int):
     return [k] * n
 
 
+SEED_MOD = "seed-mod"   # --class seed-mod: the authors' labels, class = seed % label_dim
+
+
+def class_labels_for(args, pipe, n: int, seeds: list[int] | None):
+    """The labels of ``--class``: ``K`` for every image, ``seed-mod`` (the authors' generate
+    scripts: the image of seed ``s`` gets class ``s % label_dim``, needs ``--seeds``;
+    :func:`relaydiff.sampling.authors_class_labels`) or none (``None``: random classes from the
+    seed). ``pipe=None`` only checks the flags, before anything is loaded."""
+    if args.class_idx != SEED_MOD:
+        return None if pipe is None else class_labels(args, pipe, n)
+    if seeds is None:
+        raise CLIError("--class seed-mod gives the image of seed s the class s % (number of classes), "
+                       "as the authors' scripts; it needs --seeds")
+    if pipe is None:
+        return None
+    if pipe.label_dim == 0:
+        raise CLIError("--class given, but the models are unconditional")
+    from relaydiff.sampling import authors_class_labels
+    return authors_class_labels(seeds, pipe.label_dim)
+
+
 def add_parser(subparsers):
     p = subparsers.add_parser("sample", help="generate images with a stage-1 and a relay model",
                               description="Generate images with a stage-1 and a relay model.",
@@ -302,6 +324,7 @@ def run(args) -> int:
     if args.seeds is not None and (args.n is not None or args.seed is not None):
         raise CLIError("--seeds gives every image its seed; it replaces --seed and --n")
     seeds = None if args.seeds is None else parse_seeds(args.seeds)
+    class_labels_for(args, None, 0, seeds)   # --class seed-mod without --seeds: refused before anything is written
     n = len(seeds) if seeds is not None else parse_int(args.n or "16", "--n")
     batch = parse_int(args.batch, "--batch")
     seed = parse_int(args.seed or "0", "--seed", low=0)
@@ -324,7 +347,7 @@ def run(args) -> int:
     else:
         new_folder(out, "--out")
     pipe = load_pipeline(stage1, stage2, args)
-    labels = class_labels(args, pipe, n)
+    labels = class_labels_for(args, pipe, n, seeds)
     c, h, w = pipe.out_shape
     p = pipe.config.patch_size
     need = n * (_png_bound(c, h, w) + (_png_bound(c, h // p, w // p) if args.save_low else 0)) + 32 * n
@@ -355,8 +378,8 @@ def run(args) -> int:
                 for name, img in zip(names[j:], to_uint8(low)):
                     save_png(img, os.path.join(low_dir, name))
     except KeyboardInterrupt:
-        print(f"relaydiff sample: the batches written so far are kept; the same command with --resume "
-              f"continues the run", file=sys.stderr)
+        print("relaydiff sample: the batches written so far are kept; the same command with --resume "
+              "continues the run", file=sys.stderr)
         raise
     if args.grid:   # from the saved files: a resumed run's first batches are on disk only
         import numpy as np

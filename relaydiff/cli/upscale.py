@@ -5,6 +5,10 @@
 The relay stage continues the diffusion from each input (paper App. C.3), so it also
 cleans noise and artifacts in it. Inputs must have the size the relay model expects
 (its resolution / patch size) unless ``--resize``; outputs are ``OUT/<name>.png``.
+``--seeds 0-63`` (or ``1,5,8-9``) gives the inputs, sorted by name, one seed each: output ``k``
+then depends on input ``k`` and seed ``k`` alone, whatever ``--batch`` (EDM's convention).
+``--class seed-mod`` with ``--seeds`` gives the image of seed ``s`` the class ``s % classes``, as
+the authors' generate scripts label their images.
 """
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ import os
 import numpy as np
 
 from .common import CLIError, add_image_limit, apply_image_limit, existing_dir
-from .sample import add_sampler_args, checkpoint_path, class_labels, load_pipeline, parse_int, parse_steps, \
-    post_process
+from .sample import add_sampler_args, checkpoint_path, class_labels_for, load_pipeline, parse_int, parse_seeds, \
+    parse_steps, post_process
 
 
 def add_parser(subparsers):
@@ -28,6 +32,9 @@ def add_parser(subparsers):
     p.add_argument("--in", required=True, dest="in_dir", metavar="DIR", help="folder of input images")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--steps", metavar="N", help="relay grid size before truncation (default: the preset's)")
+    p.add_argument("--seeds", metavar="LIST", help="one seed per input image in sorted order, e.g. 0-63 or "
+                   "1,5,8-9: output k depends on input k and seed k alone, whatever --batch (EDM's "
+                   "convention); replaces --seed")
     p.add_argument("--resize", action="store_true",
                    help="resize inputs (Lanczos) to the size the relay model expects")
     add_sampler_args(p)
@@ -38,8 +45,12 @@ def add_parser(subparsers):
 def run(args) -> int:
     from relaydiff.images import from_uint8, list_images, load_image, save_png, to_uint8
 
+    if args.seeds is not None and args.seed is not None:
+        raise CLIError("--seeds gives every input image its seed; it replaces --seed")
+    seeds = None if args.seeds is None else parse_seeds(args.seeds)
     batch = parse_int(args.batch, "--batch")
     seed = parse_int(args.seed or "0", "--seed", low=0)
+    class_labels_for(args, None, 0, seeds)
     _, steps = parse_steps(args.steps)
     post = post_process(args)
     apply_image_limit(args)
@@ -55,6 +66,9 @@ def run(args) -> int:
     if len(set(stems)) != len(stems):
         dup = sorted({s for s in stems if stems.count(s) > 1})[0]
         raise CLIError(f"--in holds several images named {dup!r} (different suffixes); outputs would collide")
+    if seeds is not None and len(seeds) != len(paths):
+        raise CLIError(f"--seeds names {len(seeds)} seeds for the {len(paths)} images in --in {args.in_dir!r}; "
+                       f"give one seed per image (in sorted order)")
     stage2 = [checkpoint_path(s, "--stage2") for s in args.stage2]
     pipe = load_pipeline(None, stage2, args)
 
@@ -67,10 +81,10 @@ def run(args) -> int:
                            f"{w}x{h} inputs (use --resize)")
         images.append(img)
     low = from_uint8(np.stack(images))
-    labels = class_labels(args, pipe, len(paths))
+    labels = class_labels_for(args, pipe, len(paths), seeds)
 
-    high = pipe.super_resolve(low, labels, steps=steps, seed=seed, batch_size=batch,
-                              disable=True if args.quiet else None)
+    high = pipe.super_resolve(low, labels, steps=steps, seed=None if seeds is not None else seed, seeds=seeds,
+                              batch_size=batch, disable=True if args.quiet else None)
     os.makedirs(args.out, exist_ok=True)
     for stem, img in zip(stems, post(to_uint8(high))):
         save_png(img, os.path.join(args.out, f"{stem}.png"))

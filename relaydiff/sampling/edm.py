@@ -22,17 +22,63 @@ def call_denoiser(denoiser, x: torch.Tensor, sigma: float, class_labels, dtype: 
     return out.to(x.dtype)
 
 
+def edm_rounding(denoiser, round_sigma=None):
+    """The function ``sigma -> level`` :func:`sample_edm` rounds its levels with, or ``None``
+    (no rounding). ``round_sigma``: ``None`` takes the denoiser's own ``round_sigma`` method
+    where it has one (every ``relaydiff.models`` preconditioner; EDM's generate.py calls
+    ``net.round_sigma``: the identity except for ``iDDPMPrecond``, which snaps to its discrete
+    levels), ``False`` turns rounding off, a callable is used as given."""
+    if round_sigma is False:
+        return None
+    if round_sigma is None:
+        round_sigma = getattr(denoiser, "round_sigma", None)
+        return round_sigma if callable(round_sigma) else None
+    if not callable(round_sigma):
+        raise TypeError(f"round_sigma must be None, False or a function of sigma; got {round_sigma!r}")
+    return round_sigma
+
+
+def _rounded(fn, sigma: torch.Tensor) -> torch.Tensor:
+    out = torch.as_tensor(fn(sigma))
+    if out.shape != sigma.shape:
+        raise ValueError(f"round_sigma must keep the shape of its input {tuple(sigma.shape)}; "
+                         f"got {tuple(out.shape)}")
+    return out.to(device=sigma.device, dtype=torch.float64)
+
+
+def edm_grid(denoiser, sigmas, round_sigma=None) -> torch.Tensor:
+    """The grid :func:`sample_edm` runs for ``denoiser`` on ``sigmas`` (strictly decreasing):
+    ``sigmas`` (float64) with every nonzero level through the rounding of :func:`edm_rounding`,
+    as EDM's generate.py rounds ``t_steps`` with ``net.round_sigma``. Rounded to a discrete
+    table (iDDPM) the grid can repeat levels; it stays non-increasing. For a generation start,
+    scale the latent by its first level (EDM's ``latents * t_steps[0]``) and pass ``sigmas``
+    itself to :func:`sample_edm`, which rounds it again (rounding keeps rounded levels)."""
+    sig = check_sigmas(sigmas)
+    fn = edm_rounding(denoiser, round_sigma)
+    if fn is None:
+        return sig
+    nonzero = sig > 0
+    out = sig.clone()
+    out[nonzero] = _rounded(fn, sig[nonzero])
+    if bool((out[:-1] == 0).any()):
+        low = float(sig[:-1][out[:-1] == 0].max())
+        raise ValueError(f"round_sigma takes the level {low:.4g} of sigmas to 0; keep the grid within the "
+                         f"denoiser's range [sigma_min, sigma_max] (EDM's generate.py clamps it)")
+    return check_sigmas(out, strict=False)
+
+
 @torch.no_grad()
 def sample_edm(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=None,
                s_churn: float = 0.0, s_min: float = 0.0, s_max: float = math.inf, s_noise: float = 1.0,
-               sde_scale: float = 0.0, noise: NoiseConfig | None = None, seed=None, callback=None,
-               disable: bool | None = None, return_nfe: bool = False):
+               sde_scale: float = 0.0, noise: NoiseConfig | None = None, seed=None, round_sigma=None,
+               callback=None, disable: bool | None = None, return_nfe: bool = False):
     """EDM stochastic Heun sampler from ``sigmas[0]`` down the grid ``sigmas``.
 
-    ``x`` ``[B, C, H, W]`` is the start state at ``sigmas[0]`` (for generation
-    ``sigmas[0]`` times a draw of ``noise``). Step ``i`` (``sigma_i -> sigma_{i+1}``):
-    ``gamma = min(s_churn / N, sqrt(2) - 1)`` if ``s_min <= sigma_i <= s_max`` else 0,
-    ``sigma_hat = (1 + gamma) sigma_i``, ``x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) s_noise n``,
+    ``x`` ``[B, C, H, W]`` is the start state at ``sigmas[0]`` (rounded as below; for
+    generation ``edm_grid(denoiser, sigmas)[0]`` times a draw of ``noise``). Step ``i``
+    (``sigma_i -> sigma_{i+1}``): ``gamma = min(s_churn / N, sqrt(2) - 1)`` if ``s_min <=
+    sigma_i <= s_max`` else 0, ``sigma_hat = round((1 + gamma) sigma_i)``,
+    ``x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) s_noise n``,
     ``d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat``, Euler ``x' = x_hat + (sigma_{i+1} - sigma_hat) d``
     and, unless ``sigma_{i+1} = 0``, the Heun correction with the slope at ``x'`` averaged in.
     The state is kept in float64; the denoiser sees ``x.dtype``.
@@ -42,6 +88,12 @@ def sample_edm(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=
     ``x' = x_hat + (sqrt(sigma_{i+1}^2 - g^2) - sigma_hat) d + g n1`` and the Heun correction
     ``x_hat + (sqrt(sigma_{i+1}^2 - g^2) - sigma_hat) (d + d') / 2 + g n2`` with new noise ``n2``;
     ``c = 0`` is the ODE step above. Requires ``0 <= c < 1``.
+
+    ``round_sigma`` (EDM's ``net.round_sigma``): the levels the denoiser is evaluated at. As
+    EDM's sampler, every nonzero level of ``sigmas`` and every ``sigma_hat`` goes through it
+    (:func:`edm_grid`); by default the denoiser's own ``round_sigma`` method (the identity for
+    EDM, VP and VE preconditioning, iDDPM's nearest discrete level), ``False``: none. A grid
+    whose rounded levels repeat runs the repeated steps as EDM does.
 
     ``denoiser(x, sigma [B], class_labels)`` predicts the clean image. ``noise``: the
     :class:`~relaydiff.NoiseConfig` the model was trained with, which draws the churn noise
@@ -54,7 +106,8 @@ def sample_edm(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=
     of denoiser calls (``2N - 1`` on a grid of N levels ending in 0) if ``return_nfe``.
     """
     check_image(x, "x")
-    sig = check_sigmas(sigmas).tolist()
+    rounding = edm_rounding(denoiser, round_sigma)
+    sig = edm_grid(denoiser, sigmas, rounding if rounding is not None else False).tolist()
     check_scalar(s_churn, "s_churn")
     check_scalar(s_noise, "s_noise")
     check_scalar(sde_scale, "sde_scale", high=1.0, high_inclusive=False)
@@ -70,6 +123,11 @@ def sample_edm(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=
         s_cur, s_next = sig[i], sig[i + 1]
         gamma = gamma_max if s_min <= s_cur <= s_max else 0.0
         s_hat = s_cur * (1.0 + gamma)
+        if gamma > 0.0 and rounding is not None:   # EDM: t_hat = net.round_sigma(t_cur + gamma * t_cur)
+            s_hat = float(_rounded(rounding, torch.tensor([s_hat], dtype=torch.float64, device=x.device))[0])
+            if not s_hat >= s_cur:
+                raise ValueError(f"round_sigma took the raised level {s_cur * (1.0 + gamma):.6g} below the "
+                                 f"grid level {s_cur:.6g}; it must be non-decreasing and keep its own levels")
         if gamma > 0.0:
             x = x + math.sqrt(s_hat ** 2 - s_cur ** 2) * s_noise * seeded(noise.draw, split_seed(seed, i), x)
         denoised = call_denoiser(denoiser, x, s_hat, class_labels, dtype)

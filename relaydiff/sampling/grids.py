@@ -44,8 +44,10 @@ def truncate_sigmas(sigmas: torch.Tensor, sigma_max: float) -> torch.Tensor:
     return out
 
 
-def check_sigmas(sigmas) -> torch.Tensor:
-    """A 1-D grid of at least two finite, non-negative, strictly decreasing levels as float64."""
+def check_sigmas(sigmas, strict: bool = True) -> torch.Tensor:
+    """A 1-D grid of at least two finite, non-negative, strictly decreasing levels as float64.
+    ``strict=False`` also admits repeated levels (non-increasing, 0 only as the last level):
+    EDM's grids rounded to a model's discrete levels (iDDPM) repeat some."""
     if not isinstance(sigmas, torch.Tensor):
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     if sigmas.dim() != 1 or sigmas.numel() < 2:
@@ -53,6 +55,8 @@ def check_sigmas(sigmas) -> torch.Tensor:
     s = sigmas.detach().to(torch.float64)
     if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
         raise ValueError(f"sigmas must be finite and non-negative; got {s.tolist()}")
-    if not bool((s[1:] < s[:-1]).all()):
+    if strict and not bool((s[1:] < s[:-1]).all()):
         raise ValueError("sigmas must be strictly decreasing")
+    if not strict and (not bool((s[1:] <= s[:-1]).all()) or bool((s[:-1] == 0).any())):
+        raise ValueError("sigmas must be non-increasing, with 0 only as the last level")
     return s

@@ -31,6 +31,12 @@ class ClassifierFreeGuidance:
         cond, uncond = out.chunk(2)
         return self.scale * cond - (self.scale - 1.0) * uncond
 
+    def round_sigma(self, sigma) -> torch.Tensor:
+        """The wrapped denoiser's ``round_sigma`` (the levels it is evaluated at, which
+        ``sample_edm`` rounds its grid to, as EDM's sampler); the identity where it has none."""
+        inner = getattr(self.denoiser, "round_sigma", None)
+        return inner(sigma) if callable(inner) else torch.as_tensor(sigma)
+
     def __repr__(self) -> str:
         return f"ClassifierFreeGuidance(scale={self.scale}, denoiser={self.denoiser!r})"
 

@@ -69,3 +69,20 @@ def seeded(fn, seed: int | tuple[int, ...], *args, **kwargs):
         return v[b:b + 1] if isinstance(v, torch.Tensor) else v
     return torch.cat([fn(*(part(a, b) for a in args), seed=s, **{k: part(v, b) for k, v in kwargs.items()})
                       for b, s in enumerate(seed)])
+
+
+def authors_class_labels(seeds, label_dim: int) -> torch.Tensor:
+    """The classes the authors' generate scripts give their images: ``seed % label_dim`` for
+    the image of seed ``seed`` (THUDM/RelayDiffusion generate_imagenet.py and generate.py:
+    ``class_labels = torch.eye(label_dim)[batch_seeds % label_dim]``, unless ``--class``).
+    Over their ImageNet seeds ``10000-59999`` every class gets 50 images. Returns ``[n]``
+    int64 class indices (``RelayPipeline.sample(seeds=seeds, class_labels=...)`` takes them;
+    ``relaydiff sample/upscale --seeds LIST --class seed-mod`` on the command line)."""
+    if isinstance(label_dim, bool) or not isinstance(label_dim, numbers.Integral) or label_dim < 1:
+        raise ValueError(f"label_dim must be a positive integer (a class-conditional model); got {label_dim!r}")
+    if isinstance(seeds, torch.Tensor):
+        seeds = seeds.tolist()
+    if not isinstance(seeds, (list, tuple, range)) or any(s is None for s in seeds):
+        raise ValueError(f"seeds must be a sequence of per-image integer seeds; got {seeds!r}")
+    seeds = [check_seed(s) for s in seeds]
+    return torch.tensor([s % int(label_dim) for s in seeds], dtype=torch.int64)
