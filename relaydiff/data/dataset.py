@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from relaydiff.images import center_square, image_array, open_image, open_zip_member
+from relaydiff.images import open_image, open_zip_member, square_array
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CACHE_AUTO_BYTES = 256 << 20
@@ -116,7 +116,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def _decode(self, i: int) -> np.ndarray:
         name = self.source.names[i]
         with self.source.open(name) as img:
-            return center_square(image_array(img, f"data: {name!r}"), self.resolution).transpose(2, 0, 1)
+            return square_array(img, f"data: {name!r}", self.resolution).transpose(2, 0, 1)
 
     @property
     def cached(self) -> bool:
