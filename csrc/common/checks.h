@@ -77,4 +77,63 @@ inline void check_unit(double v, const char* name, bool closed_top) {
               closed_top ? "]" : ")", "; got ", v);
 }
 
+// ------------------------------------------------------------------ one check per op
+// Everything the CPU and the CUDA glue check of an op's arguments before they touch data:
+// both call these, so they cannot drift apart. Every tensor argument must be on x's device
+// (CUDA glue additionally requires x on CUDA, see relay_cuda.cpp). The values of sigma / tau
+// are checked only on the CPU (it needs them on the host anyway).
+
+inline void check_transform_args(const at::Tensor& x, int64_t patch_size, const char* name) {
+  check_image(x, name);
+  check_patch(x, patch_size, name);
+}
+
+inline void check_blur_args(const at::Tensor& x, const at::Tensor& tau, int64_t patch_size,
+                            double min_scale) {
+  check_transform_args(x, patch_size, "x");
+  check_per_sample(tau, x, "tau");
+  check_unit(min_scale, "min_scale", false);
+}
+
+inline void check_block_noise_args(const at::Tensor& like, int64_t block_size, int64_t seed) {
+  check_image(like, "like");
+  check_noise_args(like, 0.0, block_size, seed);
+}
+
+inline void check_mixed_noise_args(const at::Tensor& like, double alpha, int64_t block_size,
+                                   int64_t seed) {
+  check_image(like, "like");
+  check_noise_args(like, alpha, block_size, seed);
+}
+
+inline void check_corrupt_args(const at::Tensor& x0, const at::Tensor& sigma,
+                               const at::Tensor& tau, int64_t patch_size, double alpha,
+                               int64_t block_size, double min_scale, int64_t seed) {
+  check_transform_args(x0, patch_size, "x0");
+  check_per_sample(sigma, x0, "sigma");
+  check_per_sample(tau, x0, "tau");
+  check_unit(min_scale, "min_scale", false);
+  check_noise_args(x0, alpha, block_size, seed);
+}
+
+// Returns whether it is a Heun step (x_prop and denoised_prop given).
+inline bool check_step_args(const at::Tensor& x, const at::Tensor& denoised,
+                            const std::optional<at::Tensor>& x_prop,
+                            const std::optional<at::Tensor>& denoised_prop,
+                            const at::Tensor& sigma, const at::Tensor& sigma_next,
+                            const at::Tensor& tau, const at::Tensor& tau_next, double s_noise,
+                            int64_t patch_size, double alpha, int64_t block_size,
+                            double min_scale, int64_t seed) {
+  check_transform_args(x, patch_size, "x");
+  const bool heun = check_step_images(x, denoised, x_prop, denoised_prop);
+  check_per_sample(sigma, x, "sigma");
+  check_per_sample(sigma_next, x, "sigma_next");
+  check_per_sample(tau, x, "tau");
+  check_per_sample(tau_next, x, "tau_next");
+  check_unit(s_noise, "s_noise", true);
+  check_unit(min_scale, "min_scale", false);
+  check_noise_args(x, alpha, block_size, seed);
+  return heun;
+}
+
 }  // namespace relaydiff

@@ -395,9 +395,7 @@ at::Tensor run_transform(const at::Tensor& x, bool inverse) {
 }
 
 at::Tensor patch_transform_cpu(const at::Tensor& x, int64_t patch_size, bool inverse) {
-  const char* name = inverse ? "u" : "x";
-  check_image(x, name);
-  check_patch(x, patch_size, name);
+  check_transform_args(x, patch_size, inverse ? "u" : "x");
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patch_dct", [&] {
     dispatch_patch(patch_size, [&](auto pc) {
@@ -511,10 +509,7 @@ at::Tensor run_scaled(const at::Tensor& x, const ScaleSpec& spec, LoadY load_y) 
 
 at::Tensor patch_blur_cpu(const at::Tensor& x, const at::Tensor& tau, int64_t patch_size,
                           double min_scale) {
-  check_image(x, "x");
-  check_patch(x, patch_size, "x");
-  check_per_sample(tau, x, "tau");
-  check_unit(min_scale, "min_scale", false);
+  check_blur_args(x, tau, patch_size, min_scale);
   ScaleSpec spec;
   spec.tau = per_sample_values(tau, "tau", false);
   spec.min_scale = min_scale;
@@ -530,12 +525,7 @@ at::Tensor patch_blur_cpu(const at::Tensor& x, const at::Tensor& tau, int64_t pa
 at::Tensor relay_corrupt_cpu(const at::Tensor& x0, const at::Tensor& sigma, const at::Tensor& tau,
                              int64_t patch_size, double alpha, int64_t block_size,
                              double min_scale, bool normalize, int64_t seed) {
-  check_image(x0, "x0");
-  check_patch(x0, patch_size, "x0");
-  check_per_sample(sigma, x0, "sigma");
-  check_per_sample(tau, x0, "tau");
-  check_unit(min_scale, "min_scale", false);
-  check_noise_args(x0, alpha, block_size, seed);
+  check_corrupt_args(x0, sigma, tau, patch_size, alpha, block_size, min_scale, seed);
   ScaleSpec spec;
   spec.tau = per_sample_values(tau, "tau", false);
   spec.noise_w = per_sample_values(sigma, "sigma", false);
@@ -557,16 +547,9 @@ at::Tensor relay_step_cpu(const at::Tensor& x, const at::Tensor& denoised,
                           const at::Tensor& tau_next, double s_noise, int64_t patch_size,
                           double alpha, int64_t block_size, double min_scale, bool normalize,
                           int64_t seed) {
-  check_image(x, "x");
-  check_patch(x, patch_size, "x");
-  const bool heun = check_step_images(x, denoised, x_prop, denoised_prop);
-  check_per_sample(sigma, x, "sigma");
-  check_per_sample(sigma_next, x, "sigma_next");
-  check_per_sample(tau, x, "tau");
-  check_per_sample(tau_next, x, "tau_next");
-  check_unit(s_noise, "s_noise", true);
-  check_unit(min_scale, "min_scale", false);
-  check_noise_args(x, alpha, block_size, seed);
+  const bool heun = check_step_args(x, denoised, x_prop, denoised_prop, sigma, sigma_next, tau,
+                                    tau_next, s_noise, patch_size, alpha, block_size, min_scale,
+                                    seed);
 
   ScaleSpec spec;
   spec.step = true;
@@ -625,8 +608,7 @@ at::Tensor run_noise(const at::Tensor& like, double white_w, double block_w, int
 }
 
 at::Tensor block_noise_cpu(const at::Tensor& like, int64_t block_size, int64_t seed) {
-  check_image(like, "like");
-  check_noise_args(like, 0.0, block_size, seed);
+  check_block_noise_args(like, block_size, seed);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "block_noise", [&] {
     out = run_noise<scalar_t>(like, 0.0, 1.0, static_cast<int>(block_size), seed);
@@ -636,8 +618,7 @@ at::Tensor block_noise_cpu(const at::Tensor& like, int64_t block_size, int64_t s
 
 at::Tensor mixed_noise_cpu(const at::Tensor& like, double alpha, int64_t block_size,
                            bool normalize, int64_t seed) {
-  check_image(like, "like");
-  check_noise_args(like, alpha, block_size, seed);
+  check_mixed_noise_args(like, alpha, block_size, seed);
   const double inv_norm = normalize ? 1.0 / std::sqrt(1.0 + alpha * alpha) : 1.0;
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "mixed_noise", [&] {

@@ -39,7 +39,9 @@ rc::ImageRef image_ref(const at::Tensor& t) {
 
 rc::Shape shape_of(const at::Tensor& t) { return {t.size(0), t.size(1), t.size(2), t.size(3)}; }
 
-// An image argument on CUDA, and the grid it needs within the launch limit.
+// The op's image x on CUDA, and the grid it needs within the launch limit. Runs first, so
+// that a CPU x is named as such; the op's own check (checks.h, shared with the CPU glue)
+// follows and puts every other tensor argument on x's device.
 void check_input(const at::Tensor& x, const char* name) {
   check_image(x, name);
   check_cuda(x, name);
@@ -47,11 +49,9 @@ void check_input(const at::Tensor& x, const char* name) {
               " is too large for one launch: ", x.sizes());
 }
 
-// A per-sample [B] argument as a contiguous float64 tensor on the images' device (no sync).
-at::Tensor per_sample(const at::Tensor& v, const at::Tensor& x, const char* name) {
-  check_per_sample(v, x, name);
-  return v.to(at::kDouble).contiguous();
-}
+// A per-sample [B] argument (already checked) as a contiguous float64 tensor on the images'
+// device (no sync).
+at::Tensor per_sample(const at::Tensor& v) { return v.to(at::kDouble).contiguous(); }
 
 at::Tensor new_output(const at::Tensor& x) {
   return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -65,7 +65,7 @@ void run(const rc::OpArgs& a) {
 at::Tensor patch_transform_cuda(const at::Tensor& x, int64_t patch_size, bool inverse) {
   const char* name = inverse ? "u" : "x";
   check_input(x, name);
-  check_patch(x, patch_size, name);
+  check_transform_args(x, patch_size, name);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = new_output(x);
   run(rc::transform_args(dtype_of(x), shape_of(x), image_ref(x), out.data_ptr(),
@@ -84,10 +84,9 @@ at::Tensor patch_idct_cuda(const at::Tensor& u, int64_t patch_size) {
 at::Tensor patch_blur_cuda(const at::Tensor& x, const at::Tensor& tau, int64_t patch_size,
                            double min_scale) {
   check_input(x, "x");
-  check_patch(x, patch_size, "x");
-  check_unit(min_scale, "min_scale", false);
+  check_blur_args(x, tau, patch_size, min_scale);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor t = per_sample(tau, x, "tau");
+  const at::Tensor t = per_sample(tau);
   at::Tensor out = new_output(x);
   run(rc::blur_args(dtype_of(x), shape_of(x), image_ref(x), out.data_ptr(), t.data_ptr<double>(),
                     static_cast<int>(patch_size), min_scale));
@@ -96,7 +95,7 @@ at::Tensor patch_blur_cuda(const at::Tensor& x, const at::Tensor& tau, int64_t p
 
 at::Tensor block_noise_cuda(const at::Tensor& like, int64_t block_size, int64_t seed) {
   check_input(like, "like");
-  check_noise_args(like, 0.0, block_size, seed);
+  check_block_noise_args(like, block_size, seed);
   const c10::cuda::CUDAGuard guard(like.device());
   at::Tensor out = new_output(like);
   run(rc::block_noise_args(dtype_of(like), shape_of(like), out.data_ptr(),
@@ -107,7 +106,7 @@ at::Tensor block_noise_cuda(const at::Tensor& like, int64_t block_size, int64_t 
 at::Tensor mixed_noise_cuda(const at::Tensor& like, double alpha, int64_t block_size,
                             bool normalize, int64_t seed) {
   check_input(like, "like");
-  check_noise_args(like, alpha, block_size, seed);
+  check_mixed_noise_args(like, alpha, block_size, seed);
   const c10::cuda::CUDAGuard guard(like.device());
   at::Tensor out = new_output(like);
   run(rc::mixed_noise_args(dtype_of(like), shape_of(like), out.data_ptr(), alpha,
@@ -119,12 +118,10 @@ at::Tensor relay_corrupt_cuda(const at::Tensor& x0, const at::Tensor& sigma, con
                               int64_t patch_size, double alpha, int64_t block_size,
                               double min_scale, bool normalize, int64_t seed) {
   check_input(x0, "x0");
-  check_patch(x0, patch_size, "x0");
-  check_unit(min_scale, "min_scale", false);
-  check_noise_args(x0, alpha, block_size, seed);
+  check_corrupt_args(x0, sigma, tau, patch_size, alpha, block_size, min_scale, seed);
   const c10::cuda::CUDAGuard guard(x0.device());
-  const at::Tensor sig = per_sample(sigma, x0, "sigma");
-  const at::Tensor t = per_sample(tau, x0, "tau");
+  const at::Tensor sig = per_sample(sigma);
+  const at::Tensor t = per_sample(tau);
   at::Tensor out = new_output(x0);
   run(rc::corrupt_args(dtype_of(x0), shape_of(x0), image_ref(x0), out.data_ptr(),
                        sig.data_ptr<double>(), t.data_ptr<double>(), static_cast<int>(patch_size),
@@ -141,16 +138,14 @@ at::Tensor relay_step_cuda(const at::Tensor& x, const at::Tensor& denoised,
                            double alpha, int64_t block_size, double min_scale, bool normalize,
                            int64_t seed) {
   check_input(x, "x");
-  check_patch(x, patch_size, "x");
-  const bool heun = check_step_images(x, denoised, x_prop, denoised_prop);
-  check_unit(s_noise, "s_noise", true);
-  check_unit(min_scale, "min_scale", false);
-  check_noise_args(x, alpha, block_size, seed);
+  const bool heun = check_step_args(x, denoised, x_prop, denoised_prop, sigma, sigma_next, tau,
+                                    tau_next, s_noise, patch_size, alpha, block_size, min_scale,
+                                    seed);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor sig = per_sample(sigma, x, "sigma");
-  const at::Tensor sig_n = per_sample(sigma_next, x, "sigma_next");
-  const at::Tensor t = per_sample(tau, x, "tau");
-  const at::Tensor t_n = per_sample(tau_next, x, "tau_next");
+  const at::Tensor sig = per_sample(sigma);
+  const at::Tensor sig_n = per_sample(sigma_next);
+  const at::Tensor t = per_sample(tau);
+  const at::Tensor t_n = per_sample(tau_next);
   const rc::ImageRef xp = heun ? image_ref(*x_prop) : rc::ImageRef{};
   const rc::ImageRef dp = heun ? image_ref(*denoised_prop) : rc::ImageRef{};
   at::Tensor out = new_output(x);

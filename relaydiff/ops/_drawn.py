@@ -10,7 +10,10 @@ kernel (or the reference twin). The compiled graph holds them as opaque calls, t
 ``nondeterministic_seeded`` so that no pass merges two calls or moves one. Under the same
 ``torch.manual_seed`` compiled and eager results are therefore identical.
 
-Arguments are the op schemas' (``csrc/ops.cpp``) without the seed.
+Arguments are the op schemas' (``csrc/ops.cpp``) without the seed. Like the compiled ops, a
+direct ``torch.ops.relaydiff.*_drawn`` call checks its arguments before it draws a seed or
+touches data, in its fake (meta) kernel too (:func:`check_args`, the checks of
+``csrc/common/checks.h``).
 """
 from __future__ import annotations
 
@@ -22,9 +25,79 @@ from . import _validate as V
 from . import reference as R
 
 _TAGS = (torch.Tag.nondeterministic_seeded,)
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_args(x: Tensor, name: str, p=None, block=None, seed=None, units=(), alpha=None,
+               per_sample=(), images=()) -> None:
+    """The checks of csrc/common/checks.h that need no values, for the fake (meta) kernels of
+    the ops and for the ``*_drawn`` ops here.
+
+    The dispatcher picks a fake (meta) kernel whenever *any* argument is on the meta device,
+    so a direct call with one meta tensor among real ones, or an invalid argument, lands
+    there too: it must fail as the C++ glue does, not return uninitialised memory."""
+    def check(ok, msg):
+        torch._check(ok, lambda: msg)
+
+    check(x.dim() == 4, f"{name} must be a 4-D tensor [B, C, H, W]; got {x.dim()}-D")
+    check(x.dtype in _FLOATS, f"{name} must be float32, float64, float16 or bfloat16; got {x.dtype}")
+    if p is not None:
+        check(p in (2, 4, 8, 16), f"patch_size must be 2, 4, 8 or 16; got {p}")
+        check(x.shape[2] % p == 0 and x.shape[3] % p == 0, f"{name}: H and W must be multiples of patch_size={p}")
+    if block is not None:
+        check(1 <= block <= 16, f"block_size must be in [1, 16]; got {block}")
+        check(x.numel() == 0 or (block <= x.shape[2] and block <= x.shape[3]),
+              f"block_size={block} is larger than the image")
+    if seed is not None:
+        check(seed >= 0, f"seed must be non-negative; got {seed}")
+    if alpha is not None:
+        check(alpha >= 0 and alpha != float("inf"), f"alpha must be finite and non-negative; got {alpha}")
+    for unit, value, closed in units:
+        check(0 <= value and (value <= 1 if closed else value < 1), f"{unit} must be in [0, 1]; got {value}")
+    for n, t in per_sample:
+        check(t.dim() == 1 and t.shape[0] == x.shape[0], f"{n} must have shape [B] = [{x.shape[0]}]")
+        check(t.is_floating_point(), f"{n} must be a floating tensor; got {t.dtype}")
+        check(t.device == x.device, f"{n} is on {t.device} but the images are on {x.device}")
+    for n, t in images:
+        if t is not None:
+            check(t.shape == x.shape and t.dtype == x.dtype, f"{n} must have the shape and dtype of {name}")
+            check(t.device == x.device, f"{n} is on {t.device} but {name} is on {x.device}")
+
+
+def fake_like(x: Tensor, name: str, *args, **kwargs) -> Tensor:
+    """The output like ``x`` (contiguous) after :func:`check_args`: a fake (meta) kernel."""
+    check_args(x, name, *args, **kwargs)
+    return x.new_empty(x.shape)
+
+
+def _check_block_noise(like, block_size):
+    check_args(like, "like", block=block_size)
+
+
+def _check_mixed_noise(like, alpha, block_size, normalize):
+    check_args(like, "like", block=block_size, alpha=alpha)
+
+
+def _check_corrupt(x0, sigma, tau, patch_size, alpha, block_size, min_scale, normalize):
+    check_args(x0, "x0", patch_size, block_size, None, [("min_scale", min_scale, False)], alpha,
+               per_sample=[("sigma", sigma), ("tau", tau)])
+
+
+def _check_step(x, denoised, x_prop, denoised_prop, sigma, sigma_next, tau, tau_next, s_noise, patch_size,
+                alpha, block_size, min_scale, normalize):
+    torch._check((x_prop is None) == (denoised_prop is None),
+                 lambda: "x_prop and denoised_prop must be given together or both be None")
+    check_args(x, "x", patch_size, block_size, None, [("s_noise", s_noise, True), ("min_scale", min_scale, False)],
+               alpha, per_sample=[("sigma", sigma), ("sigma_next", sigma_next), ("tau", tau), ("tau_next", tau_next)],
+               images=[("denoised", denoised), ("x_prop", x_prop), ("denoised_prop", denoised_prop)])
+
+
+_CHECKS = {"block_noise": _check_block_noise, "mixed_noise": _check_mixed_noise,
+           "relay_corrupt": _check_corrupt, "relay_step": _check_step}
 
 
 def _run(name: str, like: Tensor, *args):
+    _CHECKS[name](like, *args)  # before a seed is drawn: a refused call leaves the generator alone
     seed = V.check_seed(None)   # at run time: torch's global generator, as eager code draws it
     if _ext.has_kernel(like.device.type):
         return getattr(torch.ops.relaydiff, name)(like, *args, seed)
@@ -61,8 +134,16 @@ def relay_step_drawn(x: Tensor, denoised: Tensor, x_prop: Tensor | None, denoise
                 patch_size, alpha, block_size, min_scale, normalize)
 
 
-for _op in (block_noise_drawn, mixed_noise_drawn, relay_corrupt_drawn, relay_step_drawn):
-    _op.register_fake(lambda like, *args: torch.empty_like(like, memory_format=torch.contiguous_format))
+def _fake_for(name: str):
+    def fake(like, *args):
+        _CHECKS[name](like, *args)
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    return fake
+
+
+for _name, _op in (("block_noise", block_noise_drawn), ("mixed_noise", mixed_noise_drawn),
+                   ("relay_corrupt", relay_corrupt_drawn), ("relay_step", relay_step_drawn)):
+    _op.register_fake(_fake_for(_name))
 
 
 def corrupt_setup(ctx, inputs, output):

@@ -5,45 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._drawn import corrupt_backward, corrupt_setup, no_grad_for, step_backward, step_setup
-
-
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _fake(x: torch.Tensor, name: str, p=None, block=None, seed=None, units=(), alpha=None,
-          per_sample=(), images=()) -> torch.Tensor:
-    """The output like ``x`` after the checks of csrc/common/checks.h that need no values.
-
-    The dispatcher picks this (meta) kernel whenever *any* argument is on the meta device,
-    so a direct call with one meta tensor among real ones, or an invalid argument, lands
-    here too: it must fail as the C++ glue does, not return uninitialised memory."""
-    def check(ok, msg):
-        torch._check(ok, lambda: msg)
-
-    check(x.dim() == 4, f"{name} must be a 4-D tensor [B, C, H, W]; got {x.dim()}-D")
-    check(x.dtype in _FLOATS, f"{name} must be float32, float64, float16 or bfloat16; got {x.dtype}")
-    if p is not None:
-        check(p in (2, 4, 8, 16), f"patch_size must be 2, 4, 8 or 16; got {p}")
-        check(x.shape[2] % p == 0 and x.shape[3] % p == 0, f"{name}: H and W must be multiples of patch_size={p}")
-    if block is not None:
-        check(1 <= block <= 16, f"block_size must be in [1, 16]; got {block}")
-        check(x.numel() == 0 or (block <= x.shape[2] and block <= x.shape[3]),
-              f"block_size={block} is larger than the image")
-    if seed is not None:
-        check(seed >= 0, f"seed must be non-negative; got {seed}")
-    if alpha is not None:
-        check(alpha >= 0 and alpha != float("inf"), f"alpha must be finite and non-negative; got {alpha}")
-    for unit, value, closed in units:
-        check(0 <= value and (value <= 1 if closed else value < 1), f"{unit} must be in [0, 1]; got {value}")
-    for n, t in per_sample:
-        check(t.dim() == 1 and t.shape[0] == x.shape[0], f"{n} must have shape [B] = [{x.shape[0]}]")
-        check(t.is_floating_point(), f"{n} must be a floating tensor; got {t.dtype}")
-        check(t.device == x.device, f"{n} is on {t.device} but the images are on {x.device}")
-    for n, t in images:
-        if t is not None:
-            check(t.shape == x.shape and t.dtype == x.dtype, f"{n} must have the shape and dtype of {name}")
-            check(t.device == x.device, f"{n} is on {t.device} but {name} is on {x.device}")
-    return x.new_empty(x.shape)
+from ._drawn import fake_like as _fake
 
 
 @torch.library.register_fake("relaydiff::patch_dct")

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import _drawn
 from . import _validate as V
 from . import reference as R
 from .api import mixed_noise
@@ -48,9 +49,26 @@ def _check_at_most_one(w: torch.Tensor, weight, name: str) -> None:
         raise ValueError(f"{name} must be in [0, 1]; got {got}")
 
 
+def _drawn_seed(seed) -> bool:
+    """``seed=None`` while torch.compile traces: the seed cannot be drawn now (a Python integer
+    from a tensor breaks the graph), so ``seed=None`` goes on to :func:`mixed_noise`, whose
+    compiled form draws it when it runs, as eager code does (relaydiff.ops._drawn)."""
+    return seed is None and V._tracing()
+
+
 def _noise(x: torch.Tensor, cd, alpha, block_size, normalize, seed) -> torch.Tensor:
     # drawn in the compute dtype like the fused ops (a half-type draw would round the noise)
     return mixed_noise(x.new_empty(x.shape, dtype=cd), alpha, block_size, normalize, seed)
+
+
+def _unused_draw(x: torch.Tensor, cd) -> torch.Tensor:
+    """``0 * n`` for one normal ``n`` of a drawn seed, ``[1, 1, 1, 1, 1, 1]`` in ``cd``: a step
+    without noise under torch.compile with ``seed=None``. Eager code draws (and ignores) a seed
+    there too, so the compiled step must draw one, or every later draw from torch's generator
+    differs; the product enters the result (exactly, ``n`` is finite) so that no compiler pass
+    drops the draw as dead code."""
+    n = _drawn.mixed_noise_drawn(x.new_empty((1, 1, 1, 1), dtype=cd), 0.0, 1, True)
+    return (n * 0).reshape(1, 1, 1, 1, 1, 1)
 
 
 def linear_blur(x: torch.Tensor, weight, patch_size: int = 4, min_scale: float = 1e-3) -> torch.Tensor:
@@ -71,8 +89,11 @@ def linear_relay_corrupt(x0: torch.Tensor, sigma, weight, patch_size: int = 4, a
     """The relay corruption with the linear blur (SPEC 2b, 5): ``x_t = Blur_w(x0) + sigma n``,
     ``n`` the mixed noise of ``seed`` (the noise :func:`relaydiff.ops.relay_corrupt` adds).
     ``weight`` ``w`` in [0, 1] stands where ``relay_corrupt`` takes ``tau``. Differentiable in ``x0``."""
+    drawn = _drawn_seed(seed)
     x0, sig, w, p, a, s, m, nrm, sd = R.prep_corrupt(x0, sigma, weight, patch_size, alpha, block_size,
-                                                     min_scale, normalize, seed, blur_name="weight")
+                                                     min_scale, normalize, 0 if drawn else seed,
+                                                     blur_name="weight")
+    sd = None if drawn else sd
     _check_at_most_one(w, weight, "weight")
     cd = R.compute_dtype(x0.dtype)
     xc = x0.to(cd).contiguous()
@@ -96,9 +117,11 @@ def linear_relay_step(x: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next
     ``y = sigma ((x - denoised)/sigma + (x_prop - denoised_prop)/sigma_next) / 2`` (Heun). The DC
     coefficients take ``A = 1``, ``B = gamma - 1``. ``n`` is the mixed noise of ``seed``, added
     only when ``s_noise > 0``, as in :func:`relaydiff.ops.relay_step`."""
+    drawn = _drawn_seed(seed)
     (x, denoised, x_prop, denoised_prop, sig, sig_n, w_c, w_n, sn, p, a, s, m, nrm, sd) = R.prep_step(
         x, denoised, sigma, sigma_next, weight, weight_next, x_prop, denoised_prop, s_noise, patch_size,
-        alpha, block_size, min_scale, normalize, seed, blur_names=("weight", "weight_next"))
+        alpha, block_size, min_scale, normalize, 0 if drawn else seed, blur_names=("weight", "weight_next"))
+    sd = None if drawn else sd
     _check_at_most_one(w_c, weight, "weight")
     _check_at_most_one(w_n, weight_next, "weight_next")
 
@@ -119,6 +142,8 @@ def linear_relay_step(x: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next
     xp = _patches(xc, p)
     if sn != 0.0:   # accumulate into the noise's buffer: one full-size allocation fewer
         out = _patches(_noise(x, cd, a, s, nrm, sd), p).mul_(_col(sn * sig_n, cd)).addcmul_(xp, _col(a_h, cd))
+    elif drawn:
+        out = xp * (_col(a_h, cd) + _unused_draw(x, cd))
     else:
         out = xp * _col(a_h, cd)
     out.addcmul_(_patches(y, p), _col(b_h, cd)).add_(mean)
