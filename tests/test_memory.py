@@ -141,11 +141,11 @@ def test_cli_analyze_streams_its_photos(tmp_path, monkeypatch):
         Image.fromarray(arrays[-1]).save(folder / f"p{i}.png")
 
     reads, largest, reads_at_first_dct = [0], [0], []
-    real_read, real_dct2, real_to_batch = FolderSource.read, noise_study.dct2, photos_mod._to_batch
+    real_read, real_dct2, real_to_batch = FolderSource.read_square, noise_study.dct2, photos_mod._to_batch
 
-    def read(self, i):
+    def read(self, i, size):
         reads[0] += 1
-        return real_read(self, i)
+        return real_read(self, i, size)
 
     def dct2_spy(x):
         largest[0] = max(largest[0], x.shape[0])
@@ -157,7 +157,7 @@ def test_cli_analyze_streams_its_photos(tmp_path, monkeypatch):
         largest[0] = max(largest[0], len(squares))
         return real_to_batch(squares)
 
-    monkeypatch.setattr(FolderSource, "read", read)
+    monkeypatch.setattr(FolderSource, "read_square", read)
     monkeypatch.setattr(noise_study, "dct2", dct2_spy)
     monkeypatch.setattr(photos_mod, "_to_batch", to_batch)
     monkeypatch.setattr(analyze_cli, "BATCH_PIXELS", 3 * 64 * 64 + 5)      # 3 photos a batch at 64 px
@@ -375,3 +375,24 @@ def test_square_array_names_a_truncated_file(tmp_path):
     with open_image(path, "data: 'wide.png'") as im:
         with pytest.raises(ImageError, match=r"data: 'wide.png': corrupt or truncated image"):
             square_array(im, "data: 'wide.png'", 32)
+
+
+def test_image_sources_read_the_centre_square_like_the_full_read(tmp_path):
+    """``read_square`` (what ``relaydiff analyze`` reads) equals ``center_square(read(i))`` for
+    folders and zips, wide, tall and 16-bit images, while converting only the square."""
+    from relaydiff.images import center_square
+    from relaydiff.metrics.images import open_images
+    g = np.random.default_rng(5)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(g.integers(0, 256, (40, 300, 3), dtype=np.uint8)).save(folder / "wide.png")
+    Image.fromarray(g.integers(0, 256, (260, 33, 3), dtype=np.uint8)).save(folder / "tall.png")
+    Image.fromarray(g.integers(0, 65536, (50, 90), dtype=np.uint16)).save(folder / "grey16.png")
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as z:
+        for f in sorted(folder.iterdir()):
+            z.write(f, f.name)
+    for path in (folder, tmp_path / "imgs.zip"):
+        source = open_images(str(path), "--images")
+        for i in range(len(source)):
+            for size in (16, 32):
+                assert np.array_equal(source.read_square(i, size), center_square(source.read(i), size)), (path, i)

@@ -73,7 +73,7 @@ def _photos(args) -> tuple[int, object]:
     except ValueError as e:
         raise CLIError(str(e)) from e
     n = len(source) if args.max_images is None else min(len(source), args.max_images)
-    return n, (source.read(i) for i in range(n))
+    return n, (source.read_square(i, args.resolution) for i in range(n))   # the square only: wide images stay cheap
 
 
 def _batches(photos, resolution: int):

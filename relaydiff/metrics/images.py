@@ -14,7 +14,8 @@ import torch
 
 from relaydiff.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from relaydiff.images import float_to_uint8 as to_uint8  # [B, C, H, W] in [-1, 1] -> uint8, layout kept
-from relaydiff.images import SAMPLE_MANIFEST, open_zip_member, read_image, read_sample_manifest
+from relaydiff.images import (SAMPLE_MANIFEST, center_square, open_image, open_zip_member, read_image,
+                              read_sample_manifest, square_array)
 
 
 def decode_rgb(data, name: str = "image") -> np.ndarray:
@@ -35,6 +36,11 @@ class ImageSource:
 
     def read(self, i: int) -> np.ndarray:
         raise NotImplementedError
+
+    def read_square(self, i: int, size: int) -> np.ndarray:
+        """Image ``i``'s centre square resized to ``size`` (``center_square(read(i), size)``);
+        file sources cut the square before converting, so a very wide image costs its square."""
+        return center_square(self.read(i), size)
 
     def content_hash(self) -> str:
         raise NotImplementedError
@@ -86,6 +92,11 @@ class FolderSource(ImageSource):
     def read(self, i: int) -> np.ndarray:
         return decode_rgb(os.path.join(self.path, self.names[i]), os.path.join(self.path, self.names[i]))
 
+    def read_square(self, i: int, size: int) -> np.ndarray:
+        path = os.path.join(self.path, self.names[i])
+        with open_image(path, path) as im:
+            return square_array(im, path, size)
+
     def content_hash(self) -> str:
         h = hashlib.blake2b(digest_size=16)
         for name in self.names:
@@ -107,6 +118,13 @@ class ZipSource(ImageSource):
         name = f"{self.path}:{self.names[i]}"
         with open_zip_member(self._zip, self.names[i], name) as f:
             return decode_rgb(f, name)
+
+    def read_square(self, i: int, size: int) -> np.ndarray:
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.path)
+        name = f"{self.path}:{self.names[i]}"
+        with open_zip_member(self._zip, self.names[i], name) as f, open_image(f, name) as im:
+            return square_array(im, name, size)
 
     def __getstate__(self):
         return {**self.__dict__, "_zip": None}
