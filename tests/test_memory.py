@@ -304,6 +304,19 @@ def test_square_array_equals_the_uncropped_pipeline(tmp_path, size):
     assert {"RGB", "I;16", "P", "RGBA", "LA", "L", "1", "CMYK"} <= modes
 
 
+def _spy_on_convert(monkeypatch) -> list:
+    """Record the size of every image PIL converts (the conversions are the scratch)."""
+    converted = []
+    real_convert = Image.Image.convert
+
+    def convert(self, *args, **kwargs):
+        converted.append(self.size)
+        return real_convert(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "convert", convert)
+    return converted
+
+
 @pytest.mark.parametrize("mode", ["RGB", "I;16"])
 def test_wide_image_converts_only_its_centre_square(tmp_path, monkeypatch, mode):
     rng = np.random.default_rng(0)
@@ -315,14 +328,7 @@ def test_wide_image_converts_only_its_centre_square(tmp_path, monkeypatch, mode)
     with open_image(path, "wide") as im:
         old = center_square(image_array(im, "wide"), 32)
 
-    converted = []
-    real_convert = Image.Image.convert
-
-    def convert(self, *args, **kwargs):
-        converted.append(self.size)
-        return real_convert(self, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "convert", convert)
+    converted = _spy_on_convert(monkeypatch)
     with open_image(path, "wide") as im:
         assert im.mode == mode
         im.load()                                  # the decode itself is the file's, either way
@@ -349,14 +355,7 @@ def test_dataset_decodes_wide_images_through_the_square(tmp_path, monkeypatch):
     for name in ("tall16.png", "wide.png"):
         with open_image(folder / name, name) as im:
             expected[name] = center_square(image_array(im, name), 64).transpose(2, 0, 1)
-    converted = []
-    real_convert = Image.Image.convert
-
-    def convert(self, *args, **kwargs):
-        converted.append(self.size)
-        return real_convert(self, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "convert", convert)
+    converted = _spy_on_convert(monkeypatch)
     ds = ImageDataset(folder, 64, xflip=False, cache=False)
     items = [ds[i][0].numpy() for i in range(2)]
     monkeypatch.undo()
