@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import _drawn
 from . import _validate as V
 from . import reference as R
-from .api import mixed_noise
+from .api import _drawn_seed, mixed_noise   # _drawn_seed: seed=None while torch.compile traces
 
 
 def _patches(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -47,13 +47,6 @@ def _check_at_most_one(w: torch.Tensor, weight, name: str) -> None:
     if not V._tracing() and w.numel() and bool((w > 1).any()):
         got = weight.tolist() if isinstance(weight, torch.Tensor) else weight
         raise ValueError(f"{name} must be in [0, 1]; got {got}")
-
-
-def _drawn_seed(seed) -> bool:
-    """``seed=None`` while torch.compile traces: the seed cannot be drawn now (a Python integer
-    from a tensor breaks the graph), so ``seed=None`` goes on to :func:`mixed_noise`, whose
-    compiled form draws it when it runs, as eager code does (relaydiff.ops._drawn)."""
-    return seed is None and V._tracing()
 
 
 def _noise(x: torch.Tensor, cd, alpha, block_size, normalize, seed) -> torch.Tensor:
