@@ -319,7 +319,8 @@ def _unfinished(out: str, settings: dict) -> dict:
 
 
 def run(args) -> int:
-    from relaydiff.images import SAMPLE_MANIFEST, image_grid, read_image, save_png, to_uint8, write_sample_manifest
+    from relaydiff.images import (SAMPLE_MANIFEST, from_uint8, image_grid, read_image, save_png, to_uint8,
+                                  write_sample_manifest)
 
     if args.seeds is not None and (args.n is not None or args.seed is not None):
         raise CLIError("--seeds gives every image its seed; it replaces --seed and --n")
@@ -385,7 +386,7 @@ def run(args) -> int:
         import numpy as np
         first = np.stack([read_image(os.path.join(out, name), os.path.join(out, name), channels=c)
                           for name in names[:GRID_MAX]])
-        save_png(image_grid(torch_images(first)), os.path.join(out, "grid.png"))
+        save_png(image_grid(from_uint8(first)), os.path.join(out, "grid.png"))
     # which files are the samples: `relaydiff eval --images OUT` reads only these, not grid.png or low/
     write_sample_manifest(out, names, complete=True, settings=settings, **extras)
     if not args.quiet:
@@ -393,14 +394,6 @@ def run(args) -> int:
         resumed = f" ({start} were already there)" if start else ""
         print(f"wrote {n} images of {w}px to {out}{resumed} (NFE per batch: {nfe or 'none run'})")
     return 0
-
-
-def torch_images(u8):
-    """``[B, H, W, C]`` uint8 -> ``[B, C, H, W]`` floats in [-1, 1] (the inverse of ``to_uint8``)."""
-    import torch
-
-    from relaydiff.images import uint8_to_float
-    return uint8_to_float(torch.from_numpy(u8).permute(0, 3, 1, 2))
 
 
 def _complete(out: str) -> bool:
