@@ -38,11 +38,21 @@ def corrupt(x0, sigma, tau, p=4, alpha=0.15, s=4, m=1e-3):
     return blurred + sigma.to(x0.dtype)[:, None, None, None] * _mixed(x0, alpha, s)
 
 
-def step(x, den, sigma, sigma_next, tau, tau_next, s_noise=0.2, p=4, alpha=0.15, s=4, m=1e-3):
+def step(x, den, sigma, sigma_next, tau, tau_next, s_noise=0.2, p=4, alpha=0.15, s=4, m=1e-3,
+         x_prop=None, den_prop=None):
+    """Euler relay step; with ``x_prop, den_prop`` the Heun correction (slope averaged)."""
     mat = dct_matrix(p, x.dtype, x.device)
     A, B, eta = step_factors(sigma, sigma_next, tau, tau_next, s_noise, p, m)
-    u = _scale(_dct(x, mat, p), A.to(x.dtype), p) + _scale(_dct(x - den, mat, p), B.to(x.dtype), p)
+    y = x - den
+    if x_prop is not None:
+        ratio = (sigma / sigma_next).to(x.dtype)[:, None, None, None]
+        y = 0.5 * y + (0.5 * ratio) * (x_prop - den_prop)
+    u = _scale(_dct(x, mat, p), A.to(x.dtype), p) + _scale(_dct(y, mat, p), B.to(x.dtype), p)
     return _dct(u, mat, p, inverse=True) + eta.to(x.dtype)[:, None, None, None] * _mixed(x, alpha, s)
+
+
+def mixed_noise(like, alpha=0.15, s=4):
+    return _mixed(like, alpha, s)
 
 
 def dct(x, p=4):

@@ -2,25 +2,36 @@
 # The whole GPU check in one go, for a fresh GPU machine (torch with CUDA preinstalled, no
 # internet) with this repository as the working directory:
 #   1. build relaydiff._C with its CUDA kernels in place (one arch, ninja, all cores)
-#   2. tests/test_ops_cuda.py, then the CUDA cases of tests/test_ops.py, then the other
-#      `-m cuda` tests (failures do not stop the script; a test that crashes the interpreter
-#      in test_ops_cuda.py is deselected and the file rerun)
-#   3. bench/gpu_bench.py (kernel vs eager twin vs torch.compile, % of copy bandwidth)
+#   2. in parallel: the tests (tests/test_ops_cuda.py, the CUDA cases of tests/test_ops.py,
+#      the other `-m cuda` tests; failures do not stop the script; a test that crashes the
+#      interpreter in test_ops_cuda.py is deselected and the file rerun), `relaydiff demo`
+#      on the GPU (DEMO_MINUTES, default 2.5) and a second build with
+#      RELAYDIFF_CUDA_MIN_BLOCKS=$VARIANT_MIN_BLOCKS (default 5) in a copy of the tree
+#   3. on the idle GPU: bench/gpu_bench.py (kernel vs eager composition vs torch.compile of
+#      it vs twin, % of copy bandwidth), the variant build's kernel rows, then
+#      bench/gpu_pipeline_step.py (share of a 64->256 relay step outside the network)
 #   4. ncu profile of one corrupt/step/dct launch (bench/ncu_ops.py), then
 #      compute-sanitizer memcheck + racecheck of every op, when time is left
-# Everything goes under $OUT (default bench/results/): nvidia-smi.txt, build.log,
-# test_ops_cuda.log/.xml, test_ops.log/.xml, test_other_cuda.log/.xml, bench.txt, bench.json,
-# ncu.txt, sanitizer.log, summary.txt. The summary table is printed last. Each step gets a share of DEADLINE
-# seconds (default 330), so the whole script ends within ~6 minutes.
+# Everything goes under $WORK (default /tmp/relaydiff_gpu): nvidia-smi.txt, build.log,
+# test logs and JUnit XML, demo/ and demo.log, bench.txt/.json, bench_variant.txt/.json,
+# pipeline_step.txt/.json, ncu.txt, sanitizer.log, summary.txt; $OUT (default
+# bench/results/) gets summary.txt, bench.json, bench_variant.json, pipeline_step.json and
+# everything packed in gpu_check.tgz (the device tool returns at most 8 files). The summary
+# is printed last. Each step gets a share of DEADLINE seconds (default 430).
 #
 #   OUT=/tmp/out bench/gpu_check.sh          # PYTHON=python3, TORCH_CUDA_ARCH_LIST=9.0
 set -u
 cd "$(dirname "$0")/.."
 START=$SECONDS
-DEADLINE=${DEADLINE:-330}
-OUT=${OUT:-bench/results}
+DEADLINE=${DEADLINE:-430}
+FINAL_OUT=${OUT:-bench/results}
+OUT=${WORK:-/tmp/relaydiff_gpu}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
+DEMO_MINUTES=${DEMO_MINUTES:-2.5}
+VARIANT_MIN_BLOCKS=${VARIANT_MIN_BLOCKS:-5}
+mkdir -p "$OUT" "$FINAL_OUT"
+git rev-parse HEAD >"$OUT/commit.txt" 2>/dev/null
+git status --short >>"$OUT/commit.txt" 2>/dev/null
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 left() { echo $((DEADLINE - (SECONDS - START))); }
@@ -56,6 +67,25 @@ BUILD_RC=$?
 BUILD_S=$((SECONDS - t0))
 BACKEND=$("$PY" -c "import relaydiff.ops as O; print(O.backend())" 2>&1 | tail -1)
 
+# ---------------------------------------------------------------- 2a. background work
+# the demo on the GPU (its training shares the GPU with the tests, never with the timings)
+DEMO_PID=""
+if ((BUILD_RC == 0)); then
+  PYTHONUNBUFFERED=1 "$PY" -m relaydiff demo --out "$OUT/demo" --minutes "$DEMO_MINUTES" --quiet \
+    >"$OUT/demo.log" 2>&1 &
+  DEMO_PID=$!
+fi
+# the occupancy variant: the same sources built with a minimum of blocks per SM
+VARIANT_DIR=/tmp/relaydiff_variant
+VARIANT_PID=""
+if ((BUILD_RC == 0)); then
+  rm -rf "$VARIANT_DIR" && mkdir -p "$VARIANT_DIR" && cp -r setup.py pyproject.toml csrc relaydiff "$VARIANT_DIR"/ 2>/dev/null
+  find "$VARIANT_DIR" -name "*.so" -delete
+  (cd "$VARIANT_DIR" && RELAYDIFF_CUDA_MIN_BLOCKS=$VARIANT_MIN_BLOCKS MAX_JOBS=6 timeout 240 \
+     "$PY" setup.py build_ext --inplace >"$OUT/build_variant.log" 2>&1) &
+  VARIANT_PID=$!
+fi
+
 # ---------------------------------------------------------------- 2. tests
 export RELAYDIFF_REQUIRE_CUDA=1
 t0=$SECONDS
@@ -63,7 +93,7 @@ t0=$SECONDS
 # that test is deselected and the run repeated (at most twice), so one crash cannot hide the
 # rest of the file. Crashed tests are listed in the summary.
 CRASHED=()
-cuda_budget=$(share 110 120)
+cuda_budget=$(share 120 260)
 for attempt in 1 2 3; do
   log="$OUT/test_ops_cuda.log"; ((attempt > 1)) && log="$OUT/test_ops_cuda.rerun$attempt.log"
   deselect=(); for c in "${CRASHED[@]}"; do deselect+=(--deselect "$c"); done
@@ -83,7 +113,7 @@ OPS_TESTS="(no tests/test_ops.py)"
 OPS_TESTS_S=0
 if [[ -f tests/test_ops.py ]]; then
   t0=$SECONDS
-  timeout "$(share 70 100)" "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda \
+  timeout "$(share 40 240)" "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda \
     --junitxml="$OUT/test_ops.xml" >"$OUT/test_ops.log" 2>&1
   OPS_TESTS_S=$((SECONDS - t0))
   OPS_TESTS=$(pytest_line "$OUT/test_ops.log")
@@ -91,18 +121,50 @@ fi
 
 # the rest of the library's CUDA tests (models, training, evaluation, conversion), briefly
 t0=$SECONDS
-timeout "$(share 45 90)" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests --ignore=tests/test_ops.py \
+timeout "$(share 50 220)" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests --ignore=tests/test_ops.py \
   --ignore=tests/test_ops_cuda.py --junitxml="$OUT/test_other_cuda.xml" >"$OUT/test_other_cuda.log" 2>&1
 OTHER_TESTS_S=$((SECONDS - t0))
 OTHER_TESTS=$(pytest_line "$OUT/test_other_cuda.log")
 
-# ---------------------------------------------------------------- 3. benchmark
+# ---------------------------------------------------------------- 3. benchmark (idle GPU)
 t0=$SECONDS
-bench_s=$(share 150 55)
+DEMO="not run (build failed)"
+if [[ -n "$DEMO_PID" ]]; then
+  # the demo keeps its own wall-clock budget; give it a little slack, then stop it
+  waited=0
+  while kill -0 "$DEMO_PID" 2>/dev/null && ((waited < 120)); do sleep 2; waited=$((waited + 2)); done
+  if kill -0 "$DEMO_PID" 2>/dev/null; then kill "$DEMO_PID"; DEMO="KILLED after the wait (demo.log)"; fi
+  wait "$DEMO_PID"; rc=$?
+  [[ "$DEMO" == KILLED* ]] || DEMO="rc $rc (demo.log)"
+fi
+DEMO_WAIT_S=$((SECONDS - t0))
+t0=$SECONDS
+bench_s=$(share 120 100)
 timeout "$bench_s" "$PY" bench/gpu_bench.py --out "$OUT/bench.json" --budget $((bench_s * 5 / 10)) \
   --compile-budget $((bench_s * 3 / 10)) >"$OUT/bench.txt" 2>&1
 BENCH_RC=$?
 BENCH_S=$((SECONDS - t0))
+
+VARIANT="not built"
+if [[ -n "$VARIANT_PID" ]]; then
+  wait "$VARIANT_PID"
+  if [[ $? == 0 ]] && (($(left) >= 60)); then
+    timeout "$(share 35 70)" env PYTHONPATH="$VARIANT_DIR" "$PY" bench/gpu_bench.py --kernels-only \
+      --label "RELAYDIFF_CUDA_MIN_BLOCKS=$VARIANT_MIN_BLOCKS" --out "$OUT/bench_variant.json" \
+      >"$OUT/bench_variant.txt" 2>&1
+    VARIANT="rc $? (bench_variant.txt)"
+  else
+    VARIANT="build failed or no time (build_variant.log)"
+  fi
+fi
+
+# ---------------------------------------------------------------- 3c. the relay sampler step
+PIPE="skipped (no time left)"
+if ((BUILD_RC == 0)) && (($(left) >= 40)); then
+  timeout "$(share 60 30)" "$PY" bench/gpu_pipeline_step.py --out "$OUT/pipeline_step.json" \
+    >"$OUT/pipeline_step.txt" 2>&1
+  PIPE="rc $? (pipeline_step.txt)"
+fi
 
 # ---------------------------------------------------------------- 3b. one profile
 # Nsight Compute on one launch of relay_corrupt / relay_step / patch_dct (bench/ncu_ops.py):
@@ -110,9 +172,9 @@ BENCH_S=$((SECONDS - t0))
 NCU="skipped (no time left)"
 command -v ncu >/dev/null || NCU="skipped (ncu not found)"
 if ((BUILD_RC == 0)) && command -v ncu >/dev/null && (($(left) >= 40)); then
-  timeout "$(share 45 10)" ncu --clock-control none -k regex:tile_kernel \
+  timeout "$(share 35 5)" ncu --clock-control none -k regex:tile_kernel \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section SchedulerStats --section InstructionStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     "$PY" bench/ncu_ops.py >"$OUT/ncu.txt" 2>&1
   case $? in
     0) NCU="ok (ncu.txt)" ;;
@@ -172,6 +234,12 @@ fi
   [[ -f "$OUT/test_ops.log" ]] && grep -E "^(FAILED|ERROR) " "$OUT/test_ops.log" | head -8 | cut -c1-200
   echo "other CUDA tests (-m cuda): $OTHER_TESTS [${OTHER_TESTS_S} s]"
   grep -E "^(FAILED|ERROR) " "$OUT/test_other_cuda.log" | head -8 | cut -c1-200
+  echo "demo on the GPU (--minutes $DEMO_MINUTES): $DEMO; waited ${DEMO_WAIT_S} s after the tests"
+  grep -E "PSNR|SSIM|relay|nearest|bicubic|minutes|device" "$OUT/demo.log" 2>/dev/null | tail -n 14 | cut -c1-200
+  echo "relay step outside the network: $PIPE"
+  tail -n 3 "$OUT/pipeline_step.txt" 2>/dev/null
+  echo "variant build (min blocks $VARIANT_MIN_BLOCKS): $VARIANT"
+  tail -n 25 "$OUT/bench_variant.txt" 2>/dev/null
   echo "sanitizer: $SANITIZER"
   echo "ncu:       $NCU"
   echo "benchmark (rc $BENCH_RC, ${BENCH_S} s):"
@@ -182,3 +250,7 @@ fi
     [[ -f "$OUT/bench.json" ]] && "$PY" bench/gpu_bench.py --table "$OUT/bench.json"
   fi
 } | tee "$OUT/summary.txt"
+for f in summary.txt bench.json bench_variant.json pipeline_step.json; do
+  [[ -f "$OUT/$f" ]] && cp "$OUT/$f" "$FINAL_OUT/"
+done
+tar czf "$FINAL_OUT/gpu_check.tgz" -C "$OUT" --exclude="*.pt" --exclude="*.safetensors" --exclude="*.zip" . 2>/dev/null
