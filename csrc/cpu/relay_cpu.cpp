@@ -283,7 +283,7 @@ void dispatch_patch(int64_t p, F&& f) {
     case 4: f(std::integral_constant<int, 4>{}); break;
     case 8: f(std::integral_constant<int, 8>{}); break;
     case 16: f(std::integral_constant<int, 16>{}); break;
-    default: TORCH_CHECK(false, "patch_size must be 2, 4, 8 or 16; got ", p);
+    default: TORCH_CHECK(false, "patch_size must be 2, 4, 8 or 16; got ", num(p));
   }
 }
 
@@ -296,7 +296,7 @@ std::vector<double> per_sample_values(const at::Tensor& v, const char* name, boo
   std::vector<double> out(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
   for (double a : out) {
     TORCH_CHECK(std::isfinite(a) && (positive ? a > 0.0 : a >= 0.0), name, " must be finite and ",
-                positive ? "positive" : "non-negative", "; got ", a);
+                positive ? "positive" : "non-negative", "; got ", num(a));
   }
   return out;
 }

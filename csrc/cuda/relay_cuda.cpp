@@ -46,7 +46,7 @@ void check_input(const at::Tensor& x, const char* name) {
   check_image(x, name);
   check_cuda(x, name);
   TORCH_CHECK(rc::tile_count(x.size(0) * x.size(1), x.size(2), x.size(3)) <= rc::kMaxTiles, name,
-              " is too large for one launch: ", x.sizes());
+              " is too large for one launch: ", shape(x.sizes()));
 }
 
 // A per-sample [B] argument (already checked) as a contiguous float64 tensor on the images'
