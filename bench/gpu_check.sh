@@ -5,8 +5,11 @@
 #   2. in parallel: the tests (tests/test_ops_cuda.py, the CUDA cases of tests/test_ops.py,
 #      the other `-m cuda` tests; failures do not stop the script; a test that crashes the
 #      interpreter in test_ops_cuda.py is deselected and the file rerun), `relaydiff demo`
-#      on the GPU (DEMO_MINUTES, default 2.5) and a second build with
-#      RELAYDIFF_CUDA_MIN_BLOCKS=$VARIANT_MIN_BLOCKS (default 5) in a copy of the tree
+#      on the GPU (DEMO_MINUTES, default 2.5) and a second build for comparison: the
+#      sources in VARIANT_SRC (default: this tree) built with VARIANT_MIN_BLOCKS (default 5;
+#      empty: unset) after applying VARIANT_PATCH if given, e.g.
+#      VARIANT_PATCH=bench/patches/cuda_lean.patch VARIANT_MIN_BLOCKS= to time a kernel
+#      change side by side with the current kernels
 #   3. on the idle GPU: bench/gpu_bench.py (kernel vs eager composition vs torch.compile of
 #      it vs twin, % of copy bandwidth), the variant build's kernel rows, then
 #      bench/gpu_pipeline_step.py (share of a 64->256 relay step outside the network)
@@ -28,7 +31,13 @@ FINAL_OUT=${OUT:-bench/results}
 OUT=${WORK:-/tmp/relaydiff_gpu}
 PY=${PYTHON:-python3}
 DEMO_MINUTES=${DEMO_MINUTES:-2.5}
-VARIANT_MIN_BLOCKS=${VARIANT_MIN_BLOCKS:-5}
+# SKIP="demo variant bench pipe ncu sanitizer": leave those steps out (a verification rerun)
+SKIP=" ${SKIP:-} "
+skip() { [[ "$SKIP" == *" $1 "* ]]; }
+VARIANT_MIN_BLOCKS=${VARIANT_MIN_BLOCKS-5}
+VARIANT_SRC=${VARIANT_SRC:-.}
+VARIANT_PATCH=${VARIANT_PATCH:-}
+VARIANT_LABEL=${VARIANT_LABEL:-"$VARIANT_SRC${VARIANT_PATCH:+ + $VARIANT_PATCH} RELAYDIFF_CUDA_MIN_BLOCKS=$VARIANT_MIN_BLOCKS"}
 mkdir -p "$OUT" "$FINAL_OUT"
 git rev-parse HEAD >"$OUT/commit.txt" 2>/dev/null
 git status --short >>"$OUT/commit.txt" 2>/dev/null
@@ -65,12 +74,16 @@ t0=$SECONDS
 timeout "$(share 200 150)" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1
 BUILD_RC=$?
 BUILD_S=$((SECONDS - t0))
+{ echo "host compiler: $(command -v "${CXX:-c++}") $("${CXX:-c++}" --version 2>/dev/null | head -1)"
+  so=$(ls relaydiff/_C*.so 2>/dev/null | head -1)
+  [[ -n "$so" ]] && echo "libstdc++ code defined inside _C: $(nm -C --defined-only "$so" 2>/dev/null | grep -c ' std::basic_ostream') ostream symbols"
+} >>"$OUT/nvidia-smi.txt" 2>&1
 BACKEND=$("$PY" -c "import relaydiff.ops as O; print(O.backend())" 2>&1 | tail -1)
 
 # ---------------------------------------------------------------- 2a. background work
 # the demo on the GPU (its training shares the GPU with the tests, never with the timings)
 DEMO_PID=""
-if ((BUILD_RC == 0)); then
+if ((BUILD_RC == 0)) && ! skip demo; then
   PYTHONUNBUFFERED=1 "$PY" -m relaydiff demo --out "$OUT/demo" --minutes "$DEMO_MINUTES" --quiet \
     >"$OUT/demo.log" 2>&1 &
   DEMO_PID=$!
@@ -78,10 +91,13 @@ fi
 # the occupancy variant: the same sources built with a minimum of blocks per SM
 VARIANT_DIR=/tmp/relaydiff_variant
 VARIANT_PID=""
-if ((BUILD_RC == 0)); then
-  rm -rf "$VARIANT_DIR" && mkdir -p "$VARIANT_DIR" && cp -r setup.py pyproject.toml csrc relaydiff "$VARIANT_DIR"/ 2>/dev/null
+if ((BUILD_RC == 0)) && ! skip variant; then
+  rm -rf "$VARIANT_DIR" && mkdir -p "$VARIANT_DIR" && (cd "$VARIANT_SRC" && cp -r setup.py pyproject.toml csrc relaydiff "$VARIANT_DIR"/) 2>/dev/null
   find "$VARIANT_DIR" -name "*.so" -delete
-  (cd "$VARIANT_DIR" && RELAYDIFF_CUDA_MIN_BLOCKS=$VARIANT_MIN_BLOCKS MAX_JOBS=6 timeout 240 \
+  if [[ -n "$VARIANT_PATCH" ]]; then
+    patch -d "$VARIANT_DIR" -p1 <"$VARIANT_PATCH" >"$OUT/variant_patch.log" 2>&1 || echo "PATCH FAILED" >>"$OUT/variant_patch.log"
+  fi
+  (cd "$VARIANT_DIR" && RELAYDIFF_CUDA_MIN_BLOCKS=$VARIANT_MIN_BLOCKS MAX_JOBS=8 timeout 240 \
      "$PY" setup.py build_ext --inplace >"$OUT/build_variant.log" 2>&1) &
   VARIANT_PID=$!
 fi
@@ -103,6 +119,9 @@ for attempt in 1 2 3; do
   timeout "$s" "$PY" -m pytest -v -p no:cacheprovider tests/test_ops_cuda.py --durations=8 \
     "${deselect[@]}" --junitxml="$OUT/test_ops_cuda.xml" >"$log" 2>&1
   rc=$?
+  # the interpreter died only if pytest printed no summary line ("Fatal Python error" can
+  # also be the text of a child process's crash that a test reports)
+  grep -qE "^=+ .*[0-9]+ (passed|failed|error).* in [0-9.]+s" "$log" && break
   grep -q "Fatal Python error" "$log" || break
   crashed=$(grep -oE "^tests/test_ops_cuda.py::[^ ]+" "$log" | tail -1)
   [[ -z "$crashed" ]] && break
@@ -139,7 +158,8 @@ if [[ -n "$DEMO_PID" ]]; then
 fi
 DEMO_WAIT_S=$((SECONDS - t0))
 t0=$SECONDS
-bench_s=$(share 120 100)
+bench_s=$(share ${BENCH_S:-120} 100)
+skip bench && bench_s=1
 timeout "$bench_s" "$PY" bench/gpu_bench.py --out "$OUT/bench.json" --budget $((bench_s * 5 / 10)) \
   --compile-budget $((bench_s * 3 / 10)) >"$OUT/bench.txt" 2>&1
 BENCH_RC=$?
@@ -150,7 +170,7 @@ if [[ -n "$VARIANT_PID" ]]; then
   wait "$VARIANT_PID"
   if [[ $? == 0 ]] && (($(left) >= 60)); then
     timeout "$(share 35 70)" env PYTHONPATH="$VARIANT_DIR" "$PY" bench/gpu_bench.py --kernels-only \
-      --label "RELAYDIFF_CUDA_MIN_BLOCKS=$VARIANT_MIN_BLOCKS" --out "$OUT/bench_variant.json" \
+      --label "$VARIANT_LABEL" --out "$OUT/bench_variant.json" \
       >"$OUT/bench_variant.txt" 2>&1
     VARIANT="rc $? (bench_variant.txt)"
   else
@@ -160,7 +180,8 @@ fi
 
 # ---------------------------------------------------------------- 3c. the relay sampler step
 PIPE="skipped (no time left)"
-if ((BUILD_RC == 0)) && (($(left) >= 40)); then
+skip pipe && PIPE="skipped (SKIP)"
+if ((BUILD_RC == 0)) && (($(left) >= 40)) && ! skip pipe; then
   timeout "$(share 60 30)" "$PY" bench/gpu_pipeline_step.py --out "$OUT/pipeline_step.json" \
     >"$OUT/pipeline_step.txt" 2>&1
   PIPE="rc $? (pipeline_step.txt)"
@@ -171,7 +192,8 @@ fi
 # throughput, occupancy, warp stall reasons and pipe use, for the next optimisation.
 NCU="skipped (no time left)"
 command -v ncu >/dev/null || NCU="skipped (ncu not found)"
-if ((BUILD_RC == 0)) && command -v ncu >/dev/null && (($(left) >= 40)); then
+skip ncu && NCU="skipped (SKIP)"
+if ((BUILD_RC == 0)) && command -v ncu >/dev/null && (($(left) >= 40)) && ! skip ncu; then
   timeout "$(share 35 5)" ncu --clock-control none -k regex:tile_kernel \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section InstructionStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
@@ -189,6 +211,7 @@ command -v compute-sanitizer >/dev/null || SANITIZER="skipped (compute-sanitizer
 if ((BUILD_RC == 0)) && command -v compute-sanitizer >/dev/null && (($(left) >= 30)); then
   cat >"$OUT/sanitize_ops.py" <<'EOF'
 import torch
+import relaydiff.ops  # noqa: F401  (registers the ops)
 K = torch.ops.relaydiff
 for dt in (torch.float32, torch.bfloat16):
     x = torch.randn(2, 3, 40, 72, device="cuda").to(dt)
@@ -215,6 +238,20 @@ EOF
   done
 fi
 
+# ---------------------------------------------------------------- 5. per-instruction profile
+# executed instructions per SASS instruction (with its source line) of one relay_corrupt
+# launch, float32 [64, 3, 256, 256]: where the noise kernels spend their issue slots
+NCU_SRC="skipped (no time left)"
+skip ncu_source && NCU_SRC="skipped (SKIP)"
+if ((BUILD_RC == 0)) && command -v ncu >/dev/null && (($(left) >= 45)) && ! skip ncu_source; then
+  timeout "$(share 40 15)" ncu --clock-control none -k regex:tile_kernel -c 1 --section SourceCounters \
+    --section InstructionStats --import-source yes -f -o "$OUT/corrupt_source" \
+    "$PY" bench/ncu_ops.py >"$OUT/ncu_source.log" 2>&1 &&
+    timeout 40 ncu --import "$OUT/corrupt_source.ncu-rep" --page source --csv --print-source sass \
+      >"$OUT/corrupt_sass.csv" 2>>"$OUT/ncu_source.log"
+  NCU_SRC="rc $? (ncu_source.log, corrupt_sass.csv)"
+fi
+
 # ---------------------------------------------------------------- summary (last)
 {
   echo "================ relaydiff GPU check: ${DEVICE:-no GPU found} ================"
@@ -238,10 +275,11 @@ fi
   grep -E "PSNR|SSIM|relay|nearest|bicubic|minutes|device" "$OUT/demo.log" 2>/dev/null | tail -n 14 | cut -c1-200
   echo "relay step outside the network: $PIPE"
   tail -n 3 "$OUT/pipeline_step.txt" 2>/dev/null
-  echo "variant build (min blocks $VARIANT_MIN_BLOCKS): $VARIANT"
+  echo "variant build ($VARIANT_LABEL): $VARIANT"
   tail -n 25 "$OUT/bench_variant.txt" 2>/dev/null
   echo "sanitizer: $SANITIZER"
   echo "ncu:       $NCU"
+  echo "ncu per-instruction profile: $NCU_SRC"
   echo "benchmark (rc $BENCH_RC, ${BENCH_S} s):"
   if ((BENCH_RC == 0)); then
     tail -n 30 "$OUT/bench.txt"
