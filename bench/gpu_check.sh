@@ -239,7 +239,7 @@ EOF
 fi
 
 # ---------------------------------------------------------------- 5. per-instruction profile
-# executed instructions per SASS instruction (with its source line) of one relay_corrupt
+# executed instructions per source line and per SASS instruction of one relay_corrupt
 # launch, float32 [64, 3, 256, 256]: where the noise kernels spend their issue slots
 NCU_SRC="skipped (no time left)"
 skip ncu_source && NCU_SRC="skipped (SKIP)"
@@ -247,9 +247,11 @@ if ((BUILD_RC == 0)) && command -v ncu >/dev/null && (($(left) >= 45)) && ! skip
   timeout "$(share 40 15)" ncu --clock-control none -k regex:tile_kernel -c 1 --section SourceCounters \
     --section InstructionStats --import-source yes -f -o "$OUT/corrupt_source" \
     "$PY" bench/ncu_ops.py >"$OUT/ncu_source.log" 2>&1 &&
+    timeout 40 ncu --import "$OUT/corrupt_source.ncu-rep" --page source --csv --print-source cuda \
+      >"$OUT/corrupt_lines.csv" 2>>"$OUT/ncu_source.log" &&
     timeout 40 ncu --import "$OUT/corrupt_source.ncu-rep" --page source --csv --print-source sass \
       >"$OUT/corrupt_sass.csv" 2>>"$OUT/ncu_source.log"
-  NCU_SRC="rc $? (ncu_source.log, corrupt_sass.csv)"
+  NCU_SRC="rc $? (ncu_source.log; per source line corrupt_lines.csv, per instruction corrupt_sass.csv)"
 fi
 
 # ---------------------------------------------------------------- summary (last)
