@@ -28,6 +28,7 @@ import json
 import math
 import pathlib
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -510,15 +511,28 @@ def markdown_table(summary: dict, baselines: dict | None = None) -> str:
 
 # ------------------------------------------------------------------------------ figures
 
+def _sheet_seed(out: pathlib.Path, state: dict, arms, seeds) -> tuple[str | None, list[str]]:
+    """The first seed whose images every arm finished for it still has on disk, and those arms
+    (a study extended after its ``runs/`` folders were removed or moved keeps only study.json)."""
+    for seed in map(str, seeds):
+        done = [a for a in arms if seed in state["results"].get(a, {})]
+        if done and all((out / "runs" / f"seed{seed}" / a / "images.npz").is_file() for a in done):
+            return seed, done
+    return None, []
+
+
 def _plots(out: pathlib.Path, state: dict, arms, seeds) -> list[str]:
     """metrics.png (each metric per arm, mean and 95% interval), loss.png (training loss of the
-    64 px stage vs its training seconds, first seed), samples.png and superres.png (first seed,
-    arms side by side). Without matplotlib only the sheets are written."""
+    64 px stage vs its training seconds), samples.png and superres.png (arms side by side), the
+    last two and the loss curves from the first seed whose images are still on disk (none
+    written when no seed's are). Without matplotlib only the sheets are written."""
     from relaydiff.demo import _sheet
     from relaydiff.images import save_png
     written = []
-    seed = str(seeds[0])
-    done = [a for a in arms if seed in state["results"].get(a, {})]
+    seed, done = _sheet_seed(out, state, arms, seeds)
+    if seed is None:
+        print(f"relaydiff study: no sample sheets: no seed's images are left under {out / 'runs'}",
+              file=sys.stderr)
     if done:
         packs = {a: np.load(out / "runs" / f"seed{seed}" / a / "images.npz") for a in done}
         n = min(8, len(next(iter(packs.values()))["gen"]))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 
 import numpy as np
@@ -176,6 +177,15 @@ def test_smoke_study_writes_outputs_and_resumes(tmp_path, tiny_data):
     assert (out / "runs" / "seed0" / "cdm" / "ema.pt").stat().st_mtime_ns == stamp
     again = json.loads((out / "study.json").read_text())
     assert again["results"]["cdm"] == saved["results"]["cdm"] and "0" in again["results"]["relay-white"]
+
+    # extended after seed 0's run folders were removed (only study.json moved with it): the
+    # sheets come from the first seed whose images remain, and nothing recorded is lost
+    shutil.rmtree(out / "runs" / "seed0")
+    (out / "samples.png").unlink()
+    run_study(_cfg(tmp_path, tiny_data, arms=("relay-short", "cdm"), seeds=(0, 1, 2)))
+    extended = json.loads((out / "study.json").read_text())
+    assert extended["results"]["cdm"]["0"] == saved["results"]["cdm"]["0"]
+    assert set(extended["results"]["cdm"]) == {"0", "1", "2"} and (out / "samples.png").is_file()
 
     with pytest.raises(StudyError, match="other settings"):
         run_study(StudyConfig(out=str(out), minutes=1.0, data=tiny_data[0], heldout=tiny_data[1], quiet=True))
