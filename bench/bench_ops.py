@@ -79,7 +79,7 @@ def _run(benchmark, op, impl, shape):
         fns = {"kernel": lambda: O.mixed_noise(x, seed=1),
                "twin": lambda: R.mixed_noise_impl(x, 0.15, 4, True, 1),
                "compiled_twin": lambda: _compiled_twin(op, R.mixed_noise_impl)(x, 0.15, 4, True, 1),
-               "composition": lambda: C._mixed(x, 0.15, 4)}
+               "composition": lambda: C.mixed_noise(x, 0.15, 4)}
     fn = fns[impl]
     fn()  # warm-up (and compilation)
     benchmark.pedantic(fn, rounds=5 if impl in ("twin", "compiled_twin") else 20, warmup_rounds=1)

@@ -24,7 +24,7 @@ def _scale(u, f, p):
     return (u.reshape(b, c, h // p, p, w // p, p) * f[:, None, None, :, None, :]).reshape(u.shape)
 
 
-def _mixed(x, alpha, s):
+def mixed_noise(x, alpha=0.15, s=4):
     e = torch.randn_like(x)
     g = torch.randn_like(x)
     block = F.avg_pool2d(F.pad(g, (s - 1, 0, s - 1, 0), mode="circular"), s, stride=1) * s
@@ -35,7 +35,7 @@ def corrupt(x0, sigma, tau, p=4, alpha=0.15, s=4, m=1e-3):
     mat = dct_matrix(p, x0.dtype, x0.device)
     a = blur_factors_impl(tau, p, m).to(x0.dtype)
     blurred = _dct(_scale(_dct(x0, mat, p), a, p), mat, p, inverse=True)
-    return blurred + sigma.to(x0.dtype)[:, None, None, None] * _mixed(x0, alpha, s)
+    return blurred + sigma.to(x0.dtype)[:, None, None, None] * mixed_noise(x0, alpha, s)
 
 
 def step(x, den, sigma, sigma_next, tau, tau_next, s_noise=0.2, p=4, alpha=0.15, s=4, m=1e-3,
@@ -48,11 +48,7 @@ def step(x, den, sigma, sigma_next, tau, tau_next, s_noise=0.2, p=4, alpha=0.15,
         ratio = (sigma / sigma_next).to(x.dtype)[:, None, None, None]
         y = 0.5 * y + (0.5 * ratio) * (x_prop - den_prop)
     u = _scale(_dct(x, mat, p), A.to(x.dtype), p) + _scale(_dct(y, mat, p), B.to(x.dtype), p)
-    return _dct(u, mat, p, inverse=True) + eta.to(x.dtype)[:, None, None, None] * _mixed(x, alpha, s)
-
-
-def mixed_noise(like, alpha=0.15, s=4):
-    return _mixed(like, alpha, s)
+    return _dct(u, mat, p, inverse=True) + eta.to(x.dtype)[:, None, None, None] * mixed_noise(x, alpha, s)
 
 
 def dct(x, p=4):

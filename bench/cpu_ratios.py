@@ -31,7 +31,7 @@ def variants(shape):
         "relay_corrupt": (lambda: O.relay_corrupt(x, sig, tau, seed=1), lambda: C.corrupt(x, sig, tau)),
         "relay_step": (lambda: O.relay_step(x, den, sig, sn, tau, tn, seed=1),
                        lambda: C.step(x, den, sig, sn, tau, tn)),
-        "mixed_noise": (lambda: O.mixed_noise(x, seed=1), lambda: C._mixed(x, 0.15, 4)),
+        "mixed_noise": (lambda: O.mixed_noise(x, seed=1), lambda: C.mixed_noise(x, 0.15, 4)),
         "patch_dct": (lambda: O.patch_dct(x, 4), lambda: C.dct(x, 4)),
     }, (lambda: (torch.randn_like(x), torch.randn_like(x)))
 

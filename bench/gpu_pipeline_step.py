@@ -96,10 +96,11 @@ def main(argv=None) -> int:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step(denoiser)
             torch.cuda.synchronize()
-        ev = [e for e in prof.key_averages()]
-        total = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in ev)
-        ours = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-                   for e in ev if "tile_kernel" in e.key)
+        # self device time per kernel name (self_cuda_time_total before torch 2.4)
+        us = {e.key: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+              for e in prof.key_averages()}
+        total = sum(us.values())
+        ours = sum(t for k, t in us.items() if "tile_kernel" in k)
         res["profiler_relay_kernel_share"] = ours / total if total else None
         res["profiler_relay_kernel_us"] = ours
         res["profiler_total_device_us"] = total

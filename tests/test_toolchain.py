@@ -1,8 +1,8 @@
 """The C++ checks' error messages when the extension carries its own copy of libstdc++.
 
 On a GPU machine whose compiler (/opt/gcc) linked libstdc++ statically into relaydiff._C, a
-direct ``torch.ops.relaydiff.patch_dct(x, 4)`` with H not a multiple of 4 segfaulted
-(bench/results/h200_2026-12-04.md): TORCH_CHECK streams its arguments through std::ostream,
+bad direct call such as ``torch.ops.relaydiff.patch_dct(x, 3)`` segfaulted
+(bench/results/h200_2026-12-04.md; on the H100, ``patch_dct`` of an H not a multiple of 4): TORCH_CHECK streams its arguments through std::ostream,
 and inserting a number into a stream whose locale came from the process's other libstdc++
 fails in num_put (strings print fine). Built the same way on this CPU, the number is
 silently missing instead ("got "). The checks now format numbers and shapes themselves
