@@ -8,7 +8,7 @@
 #      on the GPU (DEMO_MINUTES, default 2.5) and a second build for comparison: the
 #      sources in VARIANT_SRC (default: this tree) built with VARIANT_MIN_BLOCKS (default 5;
 #      empty: unset) after applying VARIANT_PATCH if given, e.g.
-#      VARIANT_PATCH=bench/patches/cuda_lean.patch VARIANT_MIN_BLOCKS= to time a kernel
+#      VARIANT_PATCH=my_change.patch VARIANT_MIN_BLOCKS= VARIANT_TESTS=1 to test and time a kernel
 #      change side by side with the current kernels
 #   3. on the idle GPU: bench/gpu_bench.py (kernel vs eager composition vs torch.compile of
 #      it vs twin, % of copy bandwidth), the variant build's kernel rows, then
@@ -20,7 +20,8 @@
 # pipeline_step.txt/.json, ncu.txt, sanitizer.log, summary.txt; $OUT (default
 # bench/results/) gets summary.txt, bench.json, bench_variant.json, pipeline_step.json and
 # everything packed in gpu_check.tgz (the device tool returns at most 8 files). The summary
-# is printed last. Each step gets a share of DEADLINE seconds (default 430).
+# is printed last. Each step gets a share of DEADLINE seconds (default 430; a shorter
+# DEADLINE shrinks every step's share).
 #
 #   OUT=/tmp/out bench/gpu_check.sh          # PYTHON=python3, TORCH_CUDA_ARCH_LIST=9.0
 set -u
@@ -39,14 +40,19 @@ VARIANT_SRC=${VARIANT_SRC:-.}
 VARIANT_PATCH=${VARIANT_PATCH:-}
 VARIANT_LABEL=${VARIANT_LABEL:-"$VARIANT_SRC${VARIANT_PATCH:+ + $VARIANT_PATCH} RELAYDIFF_CUDA_MIN_BLOCKS=$VARIANT_MIN_BLOCKS"}
 mkdir -p "$OUT" "$FINAL_OUT"
+# a warm machine keeps $OUT between calls: drop the last run's results, so that a step
+# skipped this time cannot show the last run's figures in the summary
+rm -rf "$OUT"/{*.txt,*.json,*.log,*.xml,*.csv,*.ncu-rep,demo}
 git rev-parse HEAD >"$OUT/commit.txt" 2>/dev/null
 git status --short >>"$OUT/commit.txt" 2>/dev/null
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 left() { echo $((DEADLINE - (SECONDS - START))); }
 # seconds for a step: at most $1, leaving $2 for the steps after it
+# The reserves are sized for the default DEADLINE of 430 s and shrink with a shorter one
+# (else a DEADLINE of 300 leaves the tests ~20 s: a whole run came back with no test result).
 share() {
-  local s=$(($(left) - $2))
+  local s=$(($(left) - $2 * DEADLINE / 430))
   ((s > $1)) && s=$1
   ((s < 5)) && s=5
   echo "$s"
@@ -97,8 +103,17 @@ if ((BUILD_RC == 0)) && ! skip variant; then
   if [[ -n "$VARIANT_PATCH" ]]; then
     patch -d "$VARIANT_DIR" -p1 <"$VARIANT_PATCH" >"$OUT/variant_patch.log" 2>&1 || echo "PATCH FAILED" >>"$OUT/variant_patch.log"
   fi
+  # VARIANT_TESTS=1: the variant build also runs the CUDA op tests (from its own copy of
+  # tests/, so that it imports its own relaydiff), before the benchmark starts
+  [[ -n "${VARIANT_TESTS:-}" ]] && cp -r tests "$VARIANT_DIR"/
   (cd "$VARIANT_DIR" && RELAYDIFF_CUDA_MIN_BLOCKS=$VARIANT_MIN_BLOCKS MAX_JOBS=8 timeout 240 \
-     "$PY" setup.py build_ext --inplace >"$OUT/build_variant.log" 2>&1) &
+     "$PY" setup.py build_ext --inplace >"$OUT/build_variant.log" 2>&1 || exit 1
+   [[ -z "${VARIANT_TESTS:-}" ]] && exit 0
+   export PYTHONPATH="$VARIANT_DIR" RELAYDIFF_REQUIRE_CUDA=1
+   "$PY" -c "import relaydiff.ops as O; print('variant imports', O.__file__, O.backend())" >"$OUT/test_variant.log" 2>&1
+   timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py >>"$OUT/test_variant.log" 2>&1
+   timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda >"$OUT/test_variant_ops.log" 2>&1
+   exit 0) &
   VARIANT_PID=$!
 fi
 
@@ -148,6 +163,7 @@ OTHER_TESTS=$(pytest_line "$OUT/test_other_cuda.log")
 # ---------------------------------------------------------------- 3. benchmark (idle GPU)
 t0=$SECONDS
 DEMO="not run (build failed)"
+skip demo && DEMO="skipped (SKIP)"
 if [[ -n "$DEMO_PID" ]]; then
   # the demo keeps its own wall-clock budget; give it a little slack, then stop it
   waited=0
@@ -157,6 +173,11 @@ if [[ -n "$DEMO_PID" ]]; then
   [[ "$DEMO" == KILLED* ]] || DEMO="rc $rc (demo.log)"
 fi
 DEMO_WAIT_S=$((SECONDS - t0))
+# the variant's build (and tests) must be over before anything is timed
+VARIANT_RC=1
+if [[ -n "$VARIANT_PID" ]]; then
+  wait "$VARIANT_PID"; VARIANT_RC=$?
+fi
 t0=$SECONDS
 bench_s=$(share ${BENCH_S:-120} 100)
 skip bench && bench_s=1
@@ -167,8 +188,7 @@ BENCH_S=$((SECONDS - t0))
 
 VARIANT="not built"
 if [[ -n "$VARIANT_PID" ]]; then
-  wait "$VARIANT_PID"
-  if [[ $? == 0 ]] && (($(left) >= 60)); then
+  if ((VARIANT_RC == 0)) && (($(left) >= 60)); then
     timeout "$(share 35 70)" env PYTHONPATH="$VARIANT_DIR" "$PY" bench/gpu_bench.py --kernels-only \
       --label "$VARIANT_LABEL" --out "$OUT/bench_variant.json" \
       >"$OUT/bench_variant.txt" 2>&1
@@ -278,6 +298,13 @@ fi
   echo "relay step outside the network: $PIPE"
   tail -n 3 "$OUT/pipeline_step.txt" 2>/dev/null
   echo "variant build ($VARIANT_LABEL): $VARIANT"
+  if [[ -n "${VARIANT_TESTS:-}" ]]; then
+    head -1 "$OUT/test_variant.log" 2>/dev/null | cut -c1-200
+    echo "  variant tests/test_ops_cuda.py:    $(pytest_line "$OUT/test_variant.log")"
+    grep -E "^(FAILED|ERROR) " "$OUT/test_variant.log" 2>/dev/null | head -8 | cut -c1-200
+    echo "  variant tests/test_ops.py -k cuda: $(pytest_line "$OUT/test_variant_ops.log")"
+    grep -E "^(FAILED|ERROR) " "$OUT/test_variant_ops.log" 2>/dev/null | head -8 | cut -c1-200
+  fi
   tail -n 25 "$OUT/bench_variant.txt" 2>/dev/null
   echo "sanitizer: $SANITIZER"
   echo "ncu:       $NCU"

@@ -386,10 +386,53 @@ struct InView {
   int64_t sb, sc, sh, sw;
 };
 
+// n / d for 32-bit unsigned n and a divisor fixed per launch, as one multiply-high, a
+// subtract, an add and two shifts (Granlund & Montgomery / Hacker's Delight 10-9): with
+// l = ceil(log2 d), m = floor(2^32 (2^l - d) / d) + 1, t = mulhi(m, n),
+// n / d = (t + ((n - t) >> min(l, 1))) >> max(l - 1, 0), exact for every n < 2^32 and
+// d >= 1. The kernel's three divisions by per-launch sizes used to cost ~20 uniform
+// instructions each, per thread and tile.
+struct FastDiv {
+  uint32_t d, m, s1, s2;
+};
+
+inline FastDiv make_fastdiv(uint32_t d) {
+  uint32_t l = 0;
+  while (l < 32 && (uint64_t{1} << l) < d) ++l;
+  const uint64_t m = ((uint64_t{1} << 32) * ((uint64_t{1} << l) - d)) / d + 1;
+  return {d, static_cast<uint32_t>(m), l < 1 ? l : 1u, l > 0 ? l - 1 : 0u};
+}
+
+RD_HD uint32_t mulhi_u32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+RD_HD uint32_t fast_div(uint32_t n, const FastDiv& f) {
+  const uint32_t t = mulhi_u32(f.m, n);
+  return (t + ((n - t) >> f.s1)) >> f.s2;
+}
+
+// a / b rounded to nearest in the compute type (the CPU kernel's division of the block
+// weight by s), in a few instructions: the float path is the correctly rounded division
+// that -prec-div=false would otherwise make approximate.
+RD_DEV float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+RD_DEV double div_rn(double a, double b) { return a / b; }
+
 template <typename S, int P, Kind K>
 struct TileParams {
   using T = compute_t<S>;
   int64_t C, H, W, tiles_x, tiles_y;
+  FastDiv div_tiles_x, div_tiles_y, div_channels;
   InView<S> in[4];
   S* out;
   const double* tau;
@@ -470,10 +513,10 @@ struct TileKernel {
     const uint32_t t32 = static_cast<uint32_t>(tile);
     const uint32_t tiles_x = static_cast<uint32_t>(p.tiles_x);
     const uint32_t tiles_y = static_cast<uint32_t>(p.tiles_y);
-    const uint32_t rest = t32 / tiles_x;
-    const uint32_t plane = rest / tiles_y;
+    const uint32_t rest = fast_div(t32, p.div_tiles_x);
+    const uint32_t plane = fast_div(rest, p.div_tiles_y);
     const uint32_t channels = static_cast<uint32_t>(p.C);
-    b = plane / channels;
+    b = fast_div(plane, p.div_channels);
     c = plane - static_cast<uint32_t>(b) * channels;
     y0 = static_cast<int64_t>(rest - plane * tiles_y) * kTileH;
     x0 = static_cast<int64_t>(t32 - rest * tiles_x) * kTileW;
@@ -491,13 +534,17 @@ struct TileKernel {
     F = smem + lay.f;
     G = smem + lay.g;
     Hs = smem + lay.h;
-    double nw = p.noise_mul;
-    if (p.noise_src != nullptr) nw *= load_param(p.noise_src);
-    white_w = static_cast<T>(nw * p.white_mul);
-    const T bw = static_cast<T>(nw * p.block_mul * p.alpha);
-    white = p.any_white != 0 && white_w != T(0);
-    block = p.any_block != 0 && bw != T(0);
-    block_w = static_cast<T>(static_cast<double>(bw) / s);
+    white = block = false;
+    white_w = block_w = T(0);
+    if constexpr (K != Kind::kTransform) {  // the transforms draw no noise
+      double nw = p.noise_mul;
+      if (p.noise_src != nullptr) nw *= load_param(p.noise_src);
+      white_w = static_cast<T>(nw * p.white_mul);
+      const T bw = static_cast<T>(nw * p.block_mul * p.alpha);
+      white = p.any_white != 0 && white_w != T(0);
+      block = p.any_block != 0 && bw != T(0);
+      block_w = div_rn(bw, static_cast<T>(s));
+    }
     heun = T(0);
     if (K == Kind::kScale && p.n_in == 4) {
       heun = static_cast<T>(0.5 * load_param(p.sigma) / load_param(p.sigma_next));
@@ -609,9 +656,10 @@ struct TileKernel {
       const int r = item / kb, k = item - r * kb;
       int64_t yy = ystart + r;
       if (yy < 0) yy += p.H;
-      const int64_t seg = base + yy * p.W + col0;  // linear index of the row segment's start
+      const int64_t seg = base + yy * p.W + col0;  // linear index of the row segment's start (>= 0)
       const int64_t j = (seg >> 2) + k;
-      const int64_t lane0 = 4 * j - seg;           // position of the block's first element
+      // position of the block's first element, 4 j - seg, in 32 bits
+      const int lane0 = 4 * k - static_cast<int>(seg & 3);
       if (lane0 >= n) continue;
       T v[4];
       normals4(p.key, stream, static_cast<uint64_t>(j), v);
@@ -620,7 +668,7 @@ struct TileKernel {
         sm_store<4>(out + lane0, v);
       } else {
         RD_UNROLL for (int e = 0; e < 4; ++e) {
-          const int64_t pos = lane0 + e;
+          const int pos = lane0 + e;
           if (pos >= 0 && pos < n) sm_st(out + pos, v[e]);
         }
       }
@@ -814,6 +862,12 @@ TileParams<S, P, K> make_params(const OpArgs& a) {
   t.W = a.W;
   t.tiles_x = (a.W + kTileW - 1) / kTileW;
   t.tiles_y = (a.H + kTileH - 1) / kTileH;
+  // below 2^31 when the launch is possible (tile_count <= kMaxTiles); clamped so that an
+  // impossible launch, which the launcher refuses, still builds its parameters
+  const auto u32 = [](int64_t v) { return static_cast<uint32_t>(v < 1 ? 1 : v > 0x7fffffff ? 0x7fffffff : v); };
+  t.div_tiles_x = make_fastdiv(u32(t.tiles_x));
+  t.div_tiles_y = make_fastdiv(u32(t.tiles_y));
+  t.div_channels = make_fastdiv(u32(a.C));
   const int64_t sizes[4] = {a.B, a.C, a.H, a.W};
   bool fast = true;
   for (int i = 0; i < a.n_in; ++i) {
@@ -900,8 +954,10 @@ __global__ void RD_LAUNCH_BOUNDS tile_kernel(const __grid_constant__ TileParams<
                               reinterpret_cast<compute_t<S>*>(smem_raw));
   k.phase1(tid);
   __syncthreads();
-  k.phase2(tid);
-  __syncthreads();
+  if constexpr (K != Kind::kTransform) {  // phase 2 is empty for the transforms
+    k.phase2(tid);
+    __syncthreads();
+  }
   k.phase3(tid);
   __syncthreads();
   k.phase4(tid);
