@@ -11,9 +11,10 @@
 //      columns left (wrapping around the image)
 //   2. DCT along the rows of every patch; horizontal s-box sums of e2
 //   3. DCT down the columns, scale by the factors (A, B), inverse DCT down the columns;
-//      generate the white noise e of the tile
-//   4. inverse DCT along the rows, add the white and the vertical box sum of the block
-//      noise, convert and write the output once
+//      generate the white noise e of the tile into shared memory when W % 4 != 0
+//   4. inverse DCT along the rows, add the white noise (drawn here, in registers, when
+//      W % 4 == 0: then each 4 columns are one Philox block) and the vertical box sum of
+//      the block noise, convert and write the output once
 // so every op reads its inputs once and writes its output once: one pass over memory.
 //
 // Noise is Philox4x32-10 keyed by the seed and counted by the element's linear index in
@@ -448,6 +449,7 @@ struct TileParams {
   int32_t block_size;
   int32_t any_white;  // some sample may get white / block noise (sizes shared memory)
   int32_t any_block;
+  int32_t white_direct;  // W % 4 == 0: phase 4 draws the white noise in registers
   int32_t vec_out;    // W % V == 0 and the output 16-byte aligned: 16-byte row stores
   int32_t inverse;    // kTransform: patch_idct
 };
@@ -528,7 +530,8 @@ struct TileKernel {
     HY = s - 1;
     HX = halo_cols(s);
     GW = HX + kTileW;
-    const SmemLayout lay = smem_layout(K, P, p.step != 0, p.any_white != 0, p.any_block != 0, s);
+    const SmemLayout lay = smem_layout(K, P, p.step != 0, p.any_white != 0 && p.white_direct == 0,
+                                       p.any_block != 0, s);
     X = smem + lay.x;
     Y = smem + lay.y;
     F = smem + lay.f;
@@ -599,29 +602,46 @@ struct TileKernel {
     }
   }
 
+  // The inputs' loads are unrolled for the number of inputs the call has (1 for the
+  // transforms and relay_corrupt, 2 for an Euler step, 4 for Heun): one predicated copy
+  // per possible input used to cost ~13 instructions per pixel in relay_corrupt.
   RD_DEV void load_tile(int tid) const {
-    constexpr int kMaxIn = K == Kind::kScale ? 4 : 1;
+    if constexpr (K == Kind::kScale) {
+      if (p.n_in == 4) {
+        load_tile_n<4>(tid);
+      } else if (p.n_in == 2) {
+        load_tile_n<2>(tid);
+      } else {
+        load_tile_n<1>(tid);
+      }
+    } else {
+      load_tile_n<1>(tid);
+    }
+  }
+
+  template <int N>
+  RD_DEV void load_tile_n(int tid) const {
     constexpr int kVecRow = kTileW / V;
     constexpr int kIters = (kTileH * kVecRow + kThreads - 1) / kThreads;
     const int nvec = TWr / V;
+    // each input's tile origin once (the per-row part below is one multiply)
+    const S* origin[N];
+    RD_UNROLL for (int i = 0; i < N; ++i) origin[i] = row_ptr(p.in[i], 0) + x0;
     // all 16-byte loads in flight before the first use
-    Raw16 raw[kIters][kMaxIn];
+    Raw16 raw[kIters][N];
     bool full[kIters];
     RD_UNROLL for (int it = 0; it < kIters; ++it) {
       const int u = tid + it * kThreads, r = u / kVecRow, q = u % kVecRow;
       full[it] = p.fast && r < THv && q * V + V <= TWv;
       if (full[it]) {
-        RD_UNROLL for (int i = 0; i < kMaxIn; ++i) {
-          if (i < p.n_in) raw[it][i] = ldg16(row_ptr(p.in[i], r) + x0 + q * V);
-        }
+        RD_UNROLL for (int i = 0; i < N; ++i) raw[it][i] = ldg16(origin[i] + r * p.in[i].sh + q * V);
       }
     }
     RD_UNROLL for (int it = 0; it < kIters; ++it) {
       const int u = tid + it * kThreads, r = u / kVecRow, q = u % kVecRow;
       if (r >= THv || q >= nvec) continue;
       T x[V], y[V], xp[V];
-      RD_UNROLL for (int i = 0; i < kMaxIn; ++i) {
-        if (i >= p.n_in) break;
+      RD_UNROLL for (int i = 0; i < N; ++i) {
         T v[V];
         if (full[it]) {
           unpack(raw[it][i], v, static_cast<S*>(nullptr));
@@ -638,7 +658,7 @@ struct TileKernel {
         }
       }
       sm_store<V>(X + r * kTileW + q * V, x);
-      if constexpr (K == Kind::kScale) {
+      if constexpr (K == Kind::kScale && N >= 2) {  // a step has 2 or 4 inputs
         if (p.step) sm_store<V>(Y + r * kTileW + q * V, y);
       }
     }
@@ -706,7 +726,17 @@ struct TileKernel {
         if (p.step) row_dct(Y + r * kTileW + q * P);
       }
     }
-    if (block) hbox(tid);
+    if (block) {
+      // the usual block sizes get their sums unrolled at compile time (the bounds below
+      // depend on s only); any other s takes the general loop
+      if (s == 4) {
+        hbox<4>(tid);
+      } else if (s == 8) {
+        hbox<8>(tid);
+      } else {
+        hbox<0>(tid);
+      }
+    }
   }
 
   RD_DEV void row_dct(T* line) const {
@@ -716,11 +746,14 @@ struct TileKernel {
     sm_store<P>(line, o);
   }
 
-  // Hs[gr][c + i] = sum_{b < s} G[gr][HX + c + i - b] for i < 4, b ascending (the CPU order)
+  // Hs[gr][c + i] = sum_{b < s} G[gr][HX + c + i - b] for i < 4, b ascending (the CPU order);
+  // SB: s when known at compile time (== s), else 0
+  template <int SB>
   RD_DEV void hbox(int tid) const {
     constexpr int kGroups = kTileW / 4;
+    const int s = SB > 0 ? SB : this->s;
     const int rows = THv + HY;
-    const int chunks = HX / 4;
+    const int chunks = SB > 0 ? halo_cols(SB) / 4 : HX / 4;
     for (int u = tid; u < rows * kGroups; u += kThreads) {
       const int gr = u / kGroups, col = (u % kGroups) * 4;
       if (col >= TWr) continue;
@@ -768,7 +801,7 @@ struct TileKernel {
         RD_UNROLL for (int r = 0; r < P; ++r) sm_st(top + r * kTileW, o[r]);
       }
     }
-    if (white) {
+    if (white && !p.white_direct) {
       gen_rows(tid, kStreamWhite, THv, y0, x0, TWr, G, kTileW, kMainBlocks);
     }
   }
@@ -833,19 +866,37 @@ struct TileKernel {
     T nz[UW];
     if (white) {
       T e[UW];
-      sm_load<UW>(G + r * kTileW + col, e);
+      if (p.white_direct) {
+        // the group's columns are UW / 4 whole Philox blocks (make_params): drawn here, in
+        // registers, instead of through phase 3's work items and shared memory
+        const uint64_t j = static_cast<uint64_t>(base + (y0 + r) * p.W + x0 + col) >> 2;
+        RD_UNROLL for (int q = 0; q < UW / 4; ++q) normals4(p.key, kStreamWhite, j + q, e + 4 * q);
+      } else {
+        sm_load<UW>(G + r * kTileW + col, e);
+      }
       RD_UNROLL for (int i = 0; i < UW; ++i) nz[i] = white_w * e[i];
     } else {
       RD_UNROLL for (int i = 0; i < UW; ++i) nz[i] = T(0);
     }
     if (block) {
-      for (int a = 0; a < s; ++a) {
-        T h[UW];
-        sm_load<UW>(Hs + (r + HY - a) * kTileW + col, h);
-        RD_UNROLL for (int i = 0; i < UW; ++i) nz[i] += block_w * h[i];
+      if (s == 4) {
+        add_vbox<4>(r, col, nz);
+      } else {
+        add_vbox<0>(r, col, nz);
       }
     }
     RD_UNROLL for (int i = 0; i < UW; ++i) v[i] += nz[i];
+  }
+
+  // nz += sum_{a < s} block_w Hs[row - a], a ascending; SB: s when known at compile time
+  template <int SB>
+  RD_DEV void add_vbox(int r, int col, T* nz) const {
+    const int n = SB > 0 ? SB : s;
+    for (int a = 0; a < n; ++a) {  // unrolled by the compiler when n is a constant
+      T h[UW];
+      sm_load<UW>(Hs + (r + HY - a) * kTileW + col, h);
+      RD_UNROLL for (int i = 0; i < UW; ++i) nz[i] += block_w * h[i];
+    }
   }
 };
 
@@ -897,13 +948,17 @@ TileParams<S, P, K> make_params(const OpArgs& a) {
   const bool noise = a.noise_mul != 0.0;
   t.any_white = (noise && a.white_mul != 0.0) ? 1 : 0;
   t.any_block = (noise && a.block_mul != 0.0 && a.alpha != 0.0) ? 1 : 0;
+  // with W % 4 == 0 every element index base + y W + x0 + col of a phase-4 group is a
+  // multiple of 4 (x0, col are), so each 4 columns of the group are one whole Philox block
+  t.white_direct = (t.any_white && a.W % 4 == 0) ? 1 : 0;
   t.inverse = a.inverse;
   return t;
 }
 
 template <typename S, int P, Kind K>
 size_t smem_bytes(const TileParams<S, P, K>& t) {
-  const SmemLayout l = smem_layout(K, P, t.step != 0, t.any_white != 0, t.any_block != 0, t.block_size);
+  const SmemLayout l = smem_layout(K, P, t.step != 0, t.any_white != 0 && t.white_direct == 0,
+                                   t.any_block != 0, t.block_size);
   return static_cast<size_t>(l.total) * sizeof(compute_t<S>);
 }
 
