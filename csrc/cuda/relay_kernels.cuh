@@ -483,6 +483,13 @@ RD_HD SmemLayout smem_layout(Kind kind, int P, bool step, bool any_white, bool a
   return l;
 }
 
+// The layout of a launch; the white noise has a region only when phase 3 draws it.
+template <typename S, int P, Kind K>
+RD_HD SmemLayout smem_layout(const TileParams<S, P, K>& t) {
+  return smem_layout(K, P, t.step != 0, t.any_white != 0 && t.white_direct == 0, t.any_block != 0,
+                     t.block_size);
+}
+
 // ------------------------------------------------------------------ the tile kernel
 
 template <typename S, int P, Kind K>
@@ -530,8 +537,7 @@ struct TileKernel {
     HY = s - 1;
     HX = halo_cols(s);
     GW = HX + kTileW;
-    const SmemLayout lay = smem_layout(K, P, p.step != 0, p.any_white != 0 && p.white_direct == 0,
-                                       p.any_block != 0, s);
+    const SmemLayout lay = smem_layout(p);
     X = smem + lay.x;
     Y = smem + lay.y;
     F = smem + lay.f;
@@ -957,9 +963,7 @@ TileParams<S, P, K> make_params(const OpArgs& a) {
 
 template <typename S, int P, Kind K>
 size_t smem_bytes(const TileParams<S, P, K>& t) {
-  const SmemLayout l = smem_layout(K, P, t.step != 0, t.any_white != 0 && t.white_direct == 0,
-                                   t.any_block != 0, t.block_size);
-  return static_cast<size_t>(l.total) * sizeof(compute_t<S>);
+  return static_cast<size_t>(smem_layout(t).total) * sizeof(compute_t<S>);
 }
 
 // Calls exec.run<S, P, K>(params, tiles, smem_bytes) for the op of `a`: the only place that
