@@ -6,17 +6,18 @@
    to 64 (Lanczos), written to ``OUT/data/train.zip``. A few tiles, one per photo, are held
    out, and no crop overlaps them: they are the super-resolution test set
    (``OUT/data/heldout/``). Training adds random horizontal flips.
-2. **Training** (:func:`relaydiff.training.train`, preset ``tiny``): a stage-1 model on the
-   images resized to 16 x 16, then a relay model 16 -> 64 (``RelayConfig()``: patch 4, block
-   noise 4, alpha 0.15), within one wall-clock budget for the whole demo: what remains after
-   the data is built, less an estimate of the sampling time, is split ``BASE_SHARE`` /
-   ``1 - BASE_SHARE`` between the stages.
-3. **Sampling** (:class:`relaydiff.pipeline.RelayPipeline`, the ``default`` sampler preset):
+2. **Training** (:func:`relaydiff.training.train`): a stage-1 model (preset ``tiny``) on the
+   images resized to 16 x 16, then a relay model 16 -> 64 (preset ``tiny-relay``: patch 4,
+   block noise 4, alpha 0.15, truncation 0.15, 32 px crops), within one wall-clock budget for
+   the whole demo: what remains after the data is built, less an estimate of the sampling
+   time, is split ``BASE_SHARE`` / ``1 - BASE_SHARE`` between the stages.
+3. **Sampling** (:class:`relaydiff.pipeline.RelayPipeline`, the ``short`` sampler preset: the
+   relay stage from its trained top sigma in 2 levels, with patch-mean consistency):
    ``OUT/samples.png`` shows per sample the 16 px stage-1 image (at its size), its nearest
    upsample (where the relay stage starts) and the relay output; ``OUT/superres.png`` shows
-   per held-out tile the 16 px box-downsampled input, the relay output and the ground truth,
-   and ``OUT/metrics.json`` the PSNR/SSIM (:mod:`relaydiff.metrics`) of the relay output and
-   of nearest/bicubic upsampling.
+   per held-out tile the 16 px box-downsampled input, bicubic, the relay output at 2 and at
+   ``DETAIL_LEVELS`` levels and the ground truth; ``OUT/spectrum.png`` their radial power
+   spectra; ``OUT/metrics.json`` the demo's scores (:func:`superres_scores`) of each.
 
 Nothing is downloaded. The device is CUDA when present; the same budget then buys many more
 optimizer steps.
@@ -47,6 +48,7 @@ CROP_MAX = 192       # random crops of TILE..CROP_MAX px, resized to TILE
 BASE_SHARE = 0.25    # of the training time to stage 1: its loss flattens sooner than the relay stage's
 BASE_PRESET, RELAY_PRESET = "tiny", "tiny-relay"   # relaydiff.models.PRESETS
 SAMPLER = "short"    # relaydiff.sampling.PRESETS: the relay stage from its trained top, few levels
+DETAIL_LEVELS = 16   # a second super-resolution at this many levels: more detail, lower PSNR (docs/demo.md)
 
 # sheet layout (samples.png, superres.png): TILE px cells, CELL_GAP px apart inside a triplet,
 # GROUP_GAP px between triplets and around the border, a HEADER px title band on top
@@ -249,8 +251,11 @@ def superres_scores(candidates: dict[str, torch.Tensor], truth: torch.Tensor) ->
     are: per-tile PSNR and SSIM (RGB, data range 2), ``consistency`` (PSNR of the candidate's
     PATCH x PATCH box-downsample against the truth's: does it reproduce its input), the
     set's ``hf_psd`` (:func:`relaydiff.analysis.high_frequency_error` against the truth: mean
-    ``|ln PSD ratio|`` over [pi/2, pi]) and ``swd`` (sliced Wasserstein distance x 1e3 of 7 x 7
-    neighbourhoods on a Laplacian pyramid, :func:`relaydiff.metrics.swd`, mean over levels).
+    ``|ln PSD ratio|`` over [pi/2, pi]) and ``swd`` (sliced Wasserstein distance x 1e3 of every
+    7 x 7 neighbourhood on a Laplacian pyramid, :func:`relaydiff.metrics.swd` with
+    ``nhoods=None``, 16 x 128 directions, mean over levels: on 8 tiles, ProGAN's 128 random
+    neighbourhoods per image left a spread of +-4 between seeds and 26 between the truth and
+    itself reordered; this reading is 0 there and varies by +-0.4 with the seed).
     Returns ``{name: {"psnr": [N], "ssim": [N], "consistency": [N], "hf_psd": float, "swd": float}}``."""
     from relaydiff.analysis import high_frequency_error
     from relaydiff.metrics import psnr, ssim, swd
@@ -262,7 +267,8 @@ def superres_scores(candidates: dict[str, torch.Tensor], truth: torch.Tensor) ->
         xq = q(x)
         out[name] = {"psnr": psnr(xq, truth_q), "ssim": ssim(xq, truth_q),
                      "consistency": psnr(F.avg_pool2d(xq, PATCH), low_truth),
-                     "hf_psd": high_frequency_error(xq, truth_q), "swd": swd(xq, truth_q)["swd_mean"]}
+                     "hf_psd": high_frequency_error(xq, truth_q),
+                     "swd": swd(xq, truth_q, nhoods=None, repeats=16)["swd_mean"]}
     return out
 
 
@@ -282,14 +288,16 @@ def _pick_device(name: str | None) -> torch.device:
 @torch.no_grad()
 def estimate_sampling_seconds(device: torch.device, n_samples: int, n_heldout: int, steps=None) -> float:
     """Seconds the sampling phase will take: one timed forward pass of an untrained relay
-    network, times the relay and stage-1 calls the ``SAMPLER`` preset makes, with a 1.5x
-    margin and 15 s for the metrics and writing files."""
+    network, times the relay and stage-1 calls the ``SAMPLER`` preset makes (and the
+    ``DETAIL_LEVELS`` super-resolution), with a 1.5x margin and 30 s for the metrics, the
+    figures and writing files."""
     from relaydiff.models import build_model, network_kwargs
     from relaydiff.sampling import get_preset
     preset = get_preset(SAMPLER)
     if steps is not None:
         preset = preset.with_steps(*steps)
     relay_nfe = 2 * (preset.relay.sigmas(trained_max=1.0).numel() - 1) - 1
+    detail_nfe = 2 * DETAIL_LEVELS - 1 if steps is None else relay_nfe
     base_nfe = 2 * preset.stage1.steps - 1
     net = build_model(network_kwargs(RELAY_PRESET, TILE, label_dim=0)).to(device).eval()
     b = min(SAMPLE_BATCH, max(n_samples, n_heldout))
@@ -303,8 +311,8 @@ def estimate_sampling_seconds(device: torch.device, n_samples: int, n_heldout: i
         torch.cuda.synchronize(device)
     per_image = (time.perf_counter() - t) / b
     # stage 1 runs at 1/PATCH^2 of the pixels
-    calls = relay_nfe * (n_samples + n_heldout) + base_nfe * n_samples / PATCH ** 2
-    return 1.5 * calls * per_image + 15.0
+    calls = relay_nfe * (n_samples + n_heldout) + detail_nfe * n_heldout + base_nfe * n_samples / PATCH ** 2
+    return 1.5 * calls * per_image + 30.0
 
 
 def _train_stage(stage: str, data: DemoData, run_dir: pathlib.Path, cfg: DemoConfig, minutes: float | None):
@@ -379,11 +387,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     inputs = F.avg_pool2d(truth, PATCH)
     sr = pipe.super_resolve(inputs.to(device), seed=cfg.seed + 1, steps=None if sampler_steps is None
                             else sampler_steps[1], batch_size=SAMPLE_BATCH, disable=disable).cpu()
+    nfe = dict(pipe.last_nfe)
+    sr_detail = pipe.super_resolve(inputs.to(device), seed=cfg.seed + 1, steps=DETAIL_LEVELS if sampler_steps
+                                   is None else sampler_steps[1], batch_size=SAMPLE_BATCH, disable=disable).cpu()
+    nfe["relay_detail"] = pipe.last_nfe["relay"]
     timings["sampling_s"] = time.monotonic() - t
 
     # quantise like the PNGs the user sees, then score
     q = lambda x: from_uint8(to_uint8(x))  # noqa: E731
-    candidates = {"relay": q(sr), "nearest": q(nearest_upsample(inputs, PATCH)),
+    candidates = {"relay": q(sr), "relay_detail": q(sr_detail), "nearest": q(nearest_upsample(inputs, PATCH)),
                   "bicubic": q(F.interpolate(inputs, scale_factor=PATCH, mode="bicubic", align_corners=False)
                                .clamp(-1, 1))}
     scores = superres_scores(candidates, truth)
@@ -392,7 +404,9 @@ def run_demo(cfg: DemoConfig) -> dict:
                       "the ground truth box-downsampled 4x. consistency: PSNR of the output's 4x box-downsample "
                       "against the input. hf_psd: mean |ln PSD ratio| to the ground truth over radial "
                       "frequencies [pi/2, pi] (0 = the truth's high-frequency power). swd: sliced Wasserstein "
-                      "distance x 1e3 of 7x7 Laplacian-pyramid neighbourhoods to the ground truth set",
+                      "distance x 1e3 of every 7x7 Laplacian-pyramid neighbourhood to the ground truth set "
+                      f"(16 x 128 directions). relay: the {SAMPLER!r} sampler; relay_detail: the same "
+                      f"checkpoint at {DETAIL_LEVELS} levels",
         **{k: {"psnr": float(v["psnr"].mean()), "ssim": float(v["ssim"].mean()),
                "consistency": float(v["consistency"].mean()), "hf_psd": v["hf_psd"], "swd": v["swd"]}
            for k, v in scores.items()},
@@ -408,22 +422,29 @@ def run_demo(cfg: DemoConfig) -> dict:
         save_png(high_u8[k], out / "samples" / f"{k:06d}.png")
         save_png(low_u8[k], out / "samples" / "low" / f"{k:06d}.png")
     sr_u8 = to_uint8(candidates["relay"])
-    for nm, img in zip(data.heldout_names, sr_u8):
+    detail_u8 = to_uint8(candidates["relay_detail"])
+    (out / "superres_detail").mkdir(exist_ok=True)
+    for nm, img, img_detail in zip(data.heldout_names, sr_u8, detail_u8):
         save_png(img, out / "superres" / f"{nm}.png")
+        save_png(img_detail, out / "superres_detail" / f"{nm}.png")
     per_row = min(4, cfg.n_samples)
     near = to_uint8(nearest_upsample(low, PATCH))
     samples_sheet = _sheet([[_centered(low_u8[k]), near[k], high_u8[k]] for k in range(cfg.n_samples)],
                            [f"stage 1 ({LOW}px)", "nearest x4", f"relay ({TILE}px)"], per_row)
     in_u8, bic_u8, truth_u8 = (to_uint8(x) for x in (candidates["nearest"], candidates["bicubic"], q(truth)))
     rel, bic = scores["relay"], scores["bicubic"]
-    sr_sheet = _sheet([[in_u8[i], bic_u8[i], sr_u8[i], truth_u8[i]] for i in range(len(sr_u8))],
-                      [f"input ({LOW}px)", "bicubic", "relay", "ground truth"], min(2, len(sr_u8)),
+    sr_sheet = _sheet([[in_u8[i], bic_u8[i], sr_u8[i], detail_u8[i], truth_u8[i]] for i in range(len(sr_u8))],
+                      [f"input ({LOW}px)", "bicubic", "relay", f"{DETAIL_LEVELS} levels", "ground truth"],
+                      min(2, len(sr_u8)),
                       captions=[f"bicubic {float(bic['psnr'][i]):.1f} dB / {float(bic['ssim'][i]):.2f}    "
                                 f"relay {float(rel['psnr'][i]):.1f} dB / {float(rel['ssim'][i]):.2f}"
                                 for i in range(len(sr_u8))])
     for name, image in (("samples.png", samples_sheet), ("superres.png", sr_sheet)):
         save_png(np.asarray(image), out / name)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    figures = ["samples.png", "superres.png"]
+    if _plot_spectra({"ground truth": q(truth), **{_LABELS.get(k, k): v for k, v in candidates.items()}}, out / "spectrum.png", say):
+        figures.append("spectrum.png")
 
     timings["total_s"] = time.monotonic() - start
     summary = {
@@ -431,15 +452,33 @@ def run_demo(cfg: DemoConfig) -> dict:
         "train_images": data.n_train, "train_tiles": data.n_tiles, "heldout": data.heldout_names,
         "base": {"run": str(base_run), "steps": base_steps, "train_s": base_train_s},
         "relay": {"run": str(relay_run), "steps": relay_steps, "train_s": relay_train_s},
-        "nfe_per_batch": dict(pipe.last_nfe), "timings": timings,
+        "nfe_per_batch": nfe, "detail_levels": DETAIL_LEVELS, "timings": timings,
         "sampler": SAMPLER, "relay_config": pipe.config.to_dict(),
         "superres": {k: metrics[k] for k in candidates},
-        "files": ["samples.png", "superres.png", "metrics.json", "summary.json", "samples/", "superres/",
+        "files": [*figures, "metrics.json", "summary.json", "samples/", "superres/", "superres_detail/",
                   "base/log.jsonl", "relay/log.jsonl", "base/checkpoints/", "relay/checkpoints/",
                   "data/train.zip", "data/heldout/"],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _plot_spectra(sets: dict[str, torch.Tensor], path: pathlib.Path, say) -> bool:
+    """``spectrum.png``: the radial PSD of each image set (:func:`relaydiff.analysis.radial_psd`,
+    32 bins, the bins ``hf_psd`` scores shaded). Needs matplotlib: without it, one notice."""
+    from relaydiff.analysis import radial_psd
+    try:
+        from relaydiff.analysis.plots import plot_spectra
+        curves = {name: radial_psd(x, 32) for name, x in sets.items()}
+        plot_spectra(curves, str(path), reference="ground truth",
+                     title=f"held-out tiles, radial power spectrum ({TILE} px)")
+    except ImportError:
+        say("relaydiff demo: matplotlib is not installed; spectrum.png skipped (pip install matplotlib)")
+        return False
+    return True
+
+
+_LABELS = {"relay_detail": f"relay at {DETAIL_LEVELS} levels"}
 
 
 def format_summary(s: dict) -> str:
@@ -450,11 +489,14 @@ def format_summary(s: dict) -> str:
         f"(data {t['data_s']:.0f} s, stage 1 {t['base_s']:.0f} s / {s['base']['steps']} steps, "
         f"relay {t['relay_s']:.0f} s / {s['relay']['steps']} steps, sampling {t['sampling_s']:.0f} s)",
         f"  {s['out']}/samples.png    {LOW}px stage-1 samples | nearest x4 (relay start) | relay output",
-        f"  {s['out']}/superres.png   held-out tiles: {LOW}px input | bicubic | relay output | ground truth",
-        f"  {s['out']}/metrics.json, summary.json; samples/, superres/ (PNGs); base/, relay/ "
+        f"  {s['out']}/superres.png   held-out tiles: {LOW}px input | bicubic | relay output | relay at "
+        f"{s['detail_levels']} levels | ground truth",
+        *([f"  {s['out']}/spectrum.png   radial power spectra of those and the ground truth"]
+          if "spectrum.png" in s["files"] else []),
+        f"  {s['out']}/metrics.json, summary.json; samples/, superres/, superres_detail/ (PNGs); base/, relay/ "
         "(log.jsonl, checkpoints); data/",
         "  super-resolution of {} held-out tiles (mean PSNR dB / SSIM / high-frequency |ln PSD ratio| / SWD): "
-        "{}".format(len(s["heldout"]), ", ".join(f"{k} {v['psnr']:.2f} / {v['ssim']:.3f} / {v['hf_psd']:.2f} / "
+        "{}".format(len(s["heldout"]), ", ".join(f"{_LABELS.get(k, k)} {v['psnr']:.2f} / {v['ssim']:.3f} / {v['hf_psd']:.2f} / "
                                                  f"{v['swd']:.0f}" for k, v in s["superres"].items())),
     ]
     return "\n".join(lines)

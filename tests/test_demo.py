@@ -21,7 +21,7 @@ pytest.importorskip("sklearn")
 # triplets and around them, a 16 px title band (and a 16 px caption band under superres rows)
 CELL, IN_GAP, GAP, BAND = 128, 2, 8, 16
 TRIPLET = 3 * CELL + 2 * IN_GAP
-QUAD = 4 * CELL + 3 * IN_GAP          # superres.png: input | bicubic | relay | ground truth
+QUINT = 5 * CELL + 4 * IN_GAP         # superres.png: input | bicubic | relay | relay, more levels | truth
 
 
 def _png(path) -> np.ndarray:
@@ -48,11 +48,15 @@ def test_files_and_sizes(demo):
         assert _png(demo / "samples" / "low" / f"{k:06d}.png").shape == (16, 16, 3)
     for name in held:
         assert _png(demo / "superres" / f"{name}.png").shape == (64, 64, 3)
+        assert _png(demo / "superres_detail" / f"{name}.png").shape == (64, 64, 3)
         assert _png(demo / "data" / "heldout" / "high" / f"{name}.png").shape == (64, 64, 3)
         assert _png(demo / "data" / "heldout" / "low" / f"{name}.png").shape == (16, 16, 3)
-    # 4 sample triplets in one row; 2 super-resolution triplets with a caption band
+    with Image.open(demo / "spectrum.png") as im:      # matplotlib comes with the [demo] extra
+        assert im.format == "PNG" and min(im.size) > 200
+    assert "spectrum.png" in summary["files"]
+    # 4 sample triplets in one row; 2 super-resolution groups of 5 with a caption band
     assert _png(demo / "samples.png").shape == (BAND + GAP + CELL + GAP, 4 * TRIPLET + 5 * GAP, 3)
-    assert _png(demo / "superres.png").shape == (BAND + GAP + CELL + BAND + GAP, 2 * QUAD + 3 * GAP, 3)
+    assert _png(demo / "superres.png").shape == (BAND + GAP + CELL + BAND + GAP, 2 * QUINT + 3 * GAP, 3)
     for stage in ("base", "relay"):
         log = [json.loads(line) for line in (demo / stage / "log.jsonl").read_text().splitlines()]
         assert log[-1]["step"] == 2 and np.isfinite(log[-1]["loss"])
@@ -92,9 +96,11 @@ def test_metrics_match_the_pngs(demo):
         # a few 1e-7 dB), the oracle float64 ones
         assert row["relay_psnr"] == pytest.approx(_psnr(_png(demo / "superres" / f"{row['name']}.png"), truth),
                                                   abs=1e-5)
+        assert row["relay_detail_psnr"] == pytest.approx(
+            _psnr(_png(demo / "superres_detail" / f"{row['name']}.png"), truth), abs=1e-5)
         assert row["nearest_psnr"] == pytest.approx(_psnr(low.repeat(4, 0).repeat(4, 1), truth), abs=1e-5)
         assert -1 <= row["relay_ssim"] <= 1
-    for method in ("relay", "nearest", "bicubic"):
+    for method in ("relay", "relay_detail", "nearest", "bicubic"):
         assert metrics[method]["psnr"] == pytest.approx(np.mean([r[f"{method}_psnr"] for r in metrics["per_tile"]]))
         assert np.isfinite(metrics[method]["hf_psd"]) and metrics[method]["swd"] > 0
     # the demo samples with consistency=True: even after 2 optimizer steps the relay output
@@ -109,12 +115,14 @@ def test_superres_sheet_cells_are_the_written_images(demo):
     names = sorted(f[:-4] for f in os.listdir(demo / "superres"))
     metrics = json.loads((demo / "metrics.json").read_text())
     for k, row in enumerate(metrics["per_tile"]):
-        x0 = GAP + k * (QUAD + GAP)
-        cells = [sheet[top:top + CELL, x0 + j * (CELL + IN_GAP):x0 + j * (CELL + IN_GAP) + CELL] for j in range(4)]
+        x0 = GAP + k * (QUINT + GAP)
+        cells = [sheet[top:top + CELL, x0 + j * (CELL + IN_GAP):x0 + j * (CELL + IN_GAP) + CELL] for j in range(5)]
         low = _png(demo / "data" / "heldout" / "low" / f"{row['name']}.png")
         assert row["name"] in names
         assert np.array_equal(cells[2], _png(demo / "superres" / f"{row['name']}.png").repeat(2, 0).repeat(2, 1))
-        assert np.array_equal(cells[3], _png(demo / "data" / "heldout" / "high" / f"{row['name']}.png")
+        assert np.array_equal(cells[3], _png(demo / "superres_detail" / f"{row['name']}.png")
+                              .repeat(2, 0).repeat(2, 1))
+        assert np.array_equal(cells[4], _png(demo / "data" / "heldout" / "high" / f"{row['name']}.png")
                               .repeat(2, 0).repeat(2, 1))
         # the input cell shows the box-downsampled truth, nearest-upsampled (within uint8 rounding)
         assert np.abs(cells[0][::8, ::8].astype(int) - low.astype(int)).max() <= 1

@@ -295,6 +295,35 @@ def test_swd_orders_shifted_distributions_and_is_seeded():
         swd(base, same[:10])
 
 
+def test_swd_every_neighbourhood():
+    from relaydiff.metrics.swd import patch_descriptors
+    g = torch.Generator().manual_seed(11)
+    level = torch.randn(3, 3, 12, 10, generator=g, dtype=torch.float64)
+    dense = patch_descriptors(level, None, g)
+    # oracle: every 7 x 7 window, image by image, in raster order
+    loop = torch.stack([level[b, :, y:y + 7, x:x + 7] for b in range(3) for y in range(6) for x in range(4)])
+    assert torch.equal(dense, loop)
+
+    base = torch.from_numpy(_smooth_images(6, 64, seed=0)).permute(0, 3, 1, 2).float()
+    other = torch.from_numpy(_smooth_images(6, 64, seed=1)).permute(0, 3, 1, 2).float()
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    # a set against itself reordered: 0 with every neighbourhood (up to the float32 rounding of
+    # the per-set normalisation, whose sums run in another order: ~1e-3 on this x 1e3 scale),
+    # > 1 with 128 random ones
+    assert swd(base, base[perm], nhoods=None)["swd_mean"] < 0.01
+    assert swd(base, base[perm])["swd_mean"] > 1.0
+    # the reading does not depend on the order, nor on how the images arrive in batches
+    ref = swd(base, other, nhoods=None)
+    assert swd(base[perm], other[perm.flip(0)], nhoods=None)["swd_mean"] == pytest.approx(ref["swd_mean"],
+                                                                                          rel=1e-5)
+    assert swd(iter([base[:4], base[4:]]), other, nhoods=None, batch_size=2)["swd_mean"] == pytest.approx(
+        ref["swd_mean"], rel=1e-5)
+    with pytest.raises(ValueError, match="nhoods must be a positive int or None"):
+        swd(base, other, nhoods=0)
+    with pytest.raises(ValueError, match="same number of images; got 6 and 5"):
+        swd(base, iter([other[:3], other[3:5]]), nhoods=None)
+
+
 def test_psnr_ssim_match_scikit_image():
     metrics = pytest.importorskip("skimage.metrics")
     g = torch.Generator().manual_seed(10)

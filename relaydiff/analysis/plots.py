@@ -68,6 +68,23 @@ def plot_snr(study: FrequencyStudy, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_spectra(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str, *, reference: str | None = None,
+                 band: tuple[float, float] | None = (0.5 * np.pi, np.pi), title: str = "radial power spectrum") -> None:
+    """Radial PSDs of image sets, one curve per name (``name -> (frequencies, psd)``, e.g.
+    :func:`~relaydiff.analysis.radial_psd`); ``reference`` (e.g. the ground truth) drawn black
+    and thick; ``band`` shaded (the range :func:`~relaydiff.analysis.high_frequency_error`
+    scores)."""
+    fig, (ax,) = _figure(1, 6.0)
+    if band is not None:
+        ax.axvspan(*band, color="0.92", label="scored band")
+    for name, (f, p) in curves.items():
+        ref = name == reference
+        _loglog(ax, f, p, label=name, color="black" if ref else None, lw=2.2 if ref else 1.3)
+    ax.set(xlabel=FREQ_LABEL, ylabel="power spectral density", title=title)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
 def write_csv(study: FrequencyStudy, psd_path: str, snr_path: str) -> None:
     """``psd.csv``: series, sigma, bin, frequency, psd (series: image_high, image_low,
     noise_<kind>, noisy_<kind>); ``snr.csv``: kind, sigma, bin, frequency, snr."""

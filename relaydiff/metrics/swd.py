@@ -2,7 +2,7 @@
 (Karras et al. 2018, App. D), for quick checks and CI.
 
 Per pyramid level (full resolution down to 16 px): ``nhoods`` random 7 x 7 x 3 patches per
-image become 147-d descriptors; each set's descriptors are normalised per colour channel
+image (or all of them) become 147-d descriptors; each set's descriptors are normalised per colour channel
 (its own mean and std); the distance between the two sets is the mean over ``repeats x
 directions`` random unit directions of the 1-d Wasserstein-1 distance between the projected
 descriptors (sorted and compared). Reported x 1e3 per level, and their mean.
@@ -52,10 +52,16 @@ def num_levels(size: int) -> int:
     return n
 
 
-def patch_descriptors(level: torch.Tensor, nhoods: int, generator: torch.Generator, size: int = 7) -> torch.Tensor:
-    """``nhoods`` random ``size x size`` patches per image of ``level [B, C, H, W]`` -> ``[B * nhoods, C, size, size]``."""
+def patch_descriptors(level: torch.Tensor, nhoods: int | None, generator: torch.Generator,
+                      size: int = 7) -> torch.Tensor:
+    """``nhoods`` random ``size x size`` patches per image of ``level [B, C, H, W]`` ->
+    ``[B * nhoods, C, size, size]``; ``nhoods=None``: every patch that fits, in raster order
+    (no randomness: the set does not depend on the images' order or on ``generator``)."""
     b, c, h, w = level.shape
     r = size // 2
+    if nhoods is None:
+        cols = F.unfold(level.cpu(), size)                                  # [B, C*size*size, L]
+        return cols.transpose(1, 2).reshape(-1, c, size, size).contiguous()
     y = torch.randint(r, h - r, (b * nhoods,), generator=generator)
     x = torch.randint(r, w - r, (b * nhoods,), generator=generator)
     img = torch.arange(b).repeat_interleave(nhoods)
@@ -96,23 +102,30 @@ def _as_float(images: torch.Tensor, name: str) -> torch.Tensor:
     return images.float()
 
 
-def swd(images_a, images_b, *, nhoods: int = 128, repeats: int = 4, directions: int = 128,
+def swd(images_a, images_b, *, nhoods: int | None = 128, repeats: int = 4, directions: int = 128,
         seed: int = 0, batch_size: int = 64) -> dict[str, float]:
     """SWD x 1e3 between two image sets, per pyramid level and their mean.
 
     ``images_*``: tensors ``[N, 3, H, W]`` (any value range: each set is normalised) or
     iterables of such batches; both sets need the same size ``H, W >= 16`` and the same N
-    (the sorted-projection comparison matches descriptors one to one). Returns
-    ``{"swd_<size>": ..., "swd_mean": ...}``. Deterministic for a given ``seed``."""
+    (the sorted-projection comparison matches descriptors one to one). ``nhoods``: random
+    neighbourhoods per image and level (ProGAN's 128), or ``None`` for every neighbourhood:
+    for small sets (a few dozen images), where 128 random ones leave the score with a
+    sampling spread of several units and a floor well above 0 between a set and itself
+    reordered; ``None`` gives exactly 0 there and does not depend on the images' order.
+    Returns ``{"swd_<size>": ..., "swd_mean": ...}``. Deterministic for a given ``seed``."""
+    if nhoods is not None and (isinstance(nhoods, bool) or not isinstance(nhoods, int) or nhoods < 1):
+        raise ValueError(f"nhoods must be a positive int or None (every neighbourhood); got {nhoods!r}")
     gen = torch.Generator().manual_seed(seed)
     descs = []
     for name, images in (("images_a", images_a), ("images_b", images_b)):
         batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)] \
             if isinstance(images, torch.Tensor) else images
         per_level: list[list[torch.Tensor]] = []
-        shape = None
+        shape, count = None, 0
         for batch in batches:
             batch = _as_float(batch, name)
+            count += batch.shape[0]
             if shape is None:
                 shape = tuple(batch.shape[2:])
                 if min(shape) < MIN_LEVEL_SIZE:
@@ -128,13 +141,12 @@ def swd(images_a, images_b, *, nhoods: int = 128, repeats: int = 4, directions: 
                 per_level[lvl].append(patch_descriptors(level, nhoods, gen))
         if shape is None:
             raise ValueError(f"{name} holds no images")
-        descs.append((shape, [normalize_descriptors(torch.cat(d)) for d in per_level]))
-    (shape_a, da), (shape_b, db) = descs
+        descs.append((shape, count, [normalize_descriptors(torch.cat(d)) for d in per_level]))
+    (shape_a, count_a, da), (shape_b, count_b, db) = descs
     if shape_a != shape_b:
         raise ValueError(f"images_a and images_b must have the same size; got {shape_a} and {shape_b}")
-    if da[0].shape[0] != db[0].shape[0]:
-        raise ValueError(f"images_a and images_b must hold the same number of images; got "
-                         f"{da[0].shape[0] // nhoods} and {db[0].shape[0] // nhoods}")
+    if count_a != count_b:
+        raise ValueError(f"images_a and images_b must hold the same number of images; got {count_a} and {count_b}")
     out = {}
     for lvl, (a, b) in enumerate(zip(da, db)):
         out[f"swd_{min(shape_a) >> lvl}"] = 1e3 * sliced_wasserstein(a, b, repeats, directions, gen)
