@@ -383,6 +383,30 @@ def _zip(root: pathlib.Path, name: str, files: dict[str, bytes], corrupt: str | 
     return str(path)
 
 
+def _npz(root: pathlib.Path, name: str, arrays: dict[str, bytes], corrupt: str | None = None) -> str:
+    """A stored ``.npz`` of ``.npy`` bytes; ``corrupt`` names a member whose last byte is flipped (bad CRC)."""
+    path = root / name
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in arrays.items():
+            z.writestr(n + ".npy", data)
+    if corrupt is not None:
+        raw = bytearray(path.read_bytes())
+        raw[raw.index(arrays[corrupt]) + len(arrays[corrupt]) - 1] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    return str(path)
+
+
+def _npy(arr=None, shape=None) -> bytes:
+    """``arr`` as .npy bytes, or a float64 header declaring ``shape`` over 64 bytes of data."""
+    buf = __import__("io").BytesIO()
+    if arr is not None:
+        np.save(buf, arr)
+    else:
+        np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": shape})
+        buf.write(bytes(64))
+    return buf.getvalue()
+
+
 def _weights(path: pathlib.Path, stage: str, res: int, **network_overrides) -> str:
     net = network_kwargs("tiny", res)
     torch.manual_seed(0)
@@ -407,6 +431,11 @@ def inputs(tmp_path_factory):
     f["huge"] = _folder(root, "huge", {**good, "big.png": _huge_header_png()})
     f["zip_corrupt"] = _zip(root, "corrupt.zip", good, corrupt="2.png")
     f["zip_big"] = _zip(root, "big.zip", {**good, "big.png": _png_bytes((200, 200))})   # with a 1000-pixel cap
+    mu, sigma = _npy(np.zeros(4)), _npy(np.eye(4))
+    f["stats_corrupt"] = _npz(root, "stats_corrupt.npz", {"mu": mu, "sigma": sigma}, corrupt="sigma")
+    f["stats_huge"] = _npz(root, "stats_huge.npz", {"mu": _npy(shape=(10 ** 11,)), "sigma": sigma})   # 745 GiB
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)   # 12 KiB: read in chunks
+    f["npz_corrupt"] = _npz(root, "npz_corrupt.npz", {"arr_0": _npy(pixels)}, corrupt="arr_0")
     f["base"] = _weights(root / "base.safetensors", "base", 8)
     f["relay"] = _weights(root / "relay.safetensors", "relay", 32)
     f["inflated"] = _weights(root / "inflated.safetensors", "base", 8, model_channels=512)
@@ -477,6 +506,12 @@ CLI_CASES = [
     ("eval-device", "eval --images {good} --ref {good} --metrics psnr --device gpu", ["--device"]),
     ("eval-zip-corrupt", "eval --images {zip_corrupt} --ref {zip_corrupt} --metrics swd --out {out}.json "
      "--device cpu --no-cache", ["2.png"]),
+    ("eval-ref-stats-corrupt", "eval --images {good} --ref {stats_corrupt} --metrics fid --device cpu --no-cache",
+     ["stats_corrupt.npz", "CRC"]),
+    ("eval-ref-stats-huge", "eval --images {good} --ref {stats_huge} --metrics fid --device cpu --no-cache",
+     ["stats_huge.npz", "100000000000"]),
+    ("eval-npz-corrupt", "eval --images {npz_corrupt} --ref {npz_corrupt} --metrics psnr --out {out}.json "
+     "--device cpu --no-cache", ["npz_corrupt.npz", "arr_0"]),
     ("eval-huge", "eval --images {huge} --ref {huge} --metrics psnr --device cpu", ["big.png", "12000x12000"]),
     ("analyze-text-png", "analyze --images {text_png} --out {out} --resolution 16 --factor 4 --quiet", ["notes.png"]),
     ("analyze-corrupt", "analyze --images {corrupt} --out {out} --resolution 16 --factor 4 --quiet", ["corrupt"]),

@@ -6,6 +6,8 @@ import copy
 import io
 import json
 import pathlib
+import re
+import struct
 import tracemalloc
 import zipfile
 
@@ -74,7 +76,7 @@ def test_zip_member_size_is_checked_before_it_is_inflated(tmp_path):
     assert bomb.stat().st_size < 1 << 20
     tracemalloc.start()
     try:
-        with open_checkpoint(bomb) as (_, top), pytest.raises(Exception, match="67108864 bytes in the file, 64 in"):
+        with open_checkpoint(bomb) as (_, top), pytest.raises(Exception, match="67108864 bytes, 64 expected"):
             top["w"].load()
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -93,6 +95,162 @@ def test_a_view_reads_only_its_span_of_the_storage(tmp_path):
     finally:
         tracemalloc.stop()
     assert torch.equal(v, big[1000:1008:2]) and peak < 1 << 20, peak
+
+
+def _replace_member(src: pathlib.Path, dst: pathlib.Path, suffix: str, data: bytes) -> None:
+    """A copy of the zip ``src`` with the member whose name ends in ``suffix`` replaced by ``data``, deflated."""
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w") as b:
+        for info in a.infolist():
+            if info.filename.endswith(suffix):
+                b.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                b.writestr(info, a.read(info))
+
+
+def _shared_stream_zip(path: pathlib.Path, data: bytes, copies: int) -> None:
+    """A zip whose directory lists one deflated stream ``copies`` times under other names: each
+    member is plausible on its own, together they inflate to far more than the file."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("s/data/00", data)
+    raw = path.read_bytes()
+    cd, end = raw.index(b"PK\x01\x02"), raw.index(b"PK\x05\x06")
+    entries = b"".join(raw[cd:end].replace(b"s/data/00", f"s/data/{i:02d}".encode()) for i in range(copies))
+    eocd = bytearray(raw[end:])
+    struct.pack_into("<HHII", eocd, 8, copies, copies, len(entries), cd)
+    path.write_bytes(raw[:cd] + entries + bytes(eocd))
+
+
+def test_pickle_member_size_is_checked_before_it_is_inflated(tmp_path):
+    from relaydiff.metrics import load_inception
+    from relaydiff.models import convert_release
+    from relaydiff.models import safe_pickle
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.arange(16, dtype=torch.float32)}, path)
+    with open_checkpoint(path) as (_, top):
+        assert torch.equal(top["w"].load(), torch.arange(16, dtype=torch.float32))
+    # data.pkl replaced by a pickle of one bytes object just over the cap (zeros, deflated: 64 KiB on disk);
+    # read, it would hold all of it in memory
+    n = safe_pickle.MAX_PICKLE_BYTES
+    bomb = tmp_path / "bomb.pt"
+    _replace_member(path, bomb, "/data.pkl", b"\x80\x04\x8e" + struct.pack("<Q", n) + bytes(n) + b".")
+    assert bomb.stat().st_size < 1 << 20
+    for load in (lambda p: open_checkpoint(p).__enter__(), lambda p: convert_release(p, stage="base"),
+                 load_inception):
+        tracemalloc.start()
+        try:
+            with pytest.raises(Exception, match=f"data.pkl declares {n + 12} bytes inflated, more than the {n}"):
+                load(bomb)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 << 20, peak
+
+
+def test_resume_checks_the_state_files_zip_directory_before_torch_load(tmp_path, monkeypatch):
+    from relaydiff.training.checkpoint import load_checkpoint
+    weights, _ = _tiny_weights(tmp_path / "step-0000001.safetensors")
+    state = tmp_path / "step-0000001.state.pt"
+    torch.save({"step": 3, "rng": torch.arange(1000)}, state)
+    assert load_checkpoint(weights)[2]["step"] == 3
+    bomb = tmp_path / "bomb.pt"
+    _replace_member(state, bomb, "/data/0", bytes(64 << 20))   # 64 MiB of zeros in 64 KiB
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was reached"))
+    noise = np.random.default_rng(0).integers(0, 4, 1 << 16, dtype=np.uint8).tobytes()   # deflates about 3:1
+    for name, write in [
+            ("inflates", lambda p: p.write_bytes(bomb.read_bytes())),
+            ("shared", lambda p: _shared_stream_zip(p, noise, 40)),
+            ("pickle", lambda p: p.write_bytes(b"\x80\x02}q\x00."))]:
+        write(state)
+        with pytest.raises(ValueError, match=re.escape(str(state)) + " is not a training state") as e:
+            load_checkpoint(weights)
+        assert "\n" not in str(e.value)
+        if name == "inflates":
+            assert "declares 67108864 bytes inflated from" in str(e.value)
+        if name == "shared":
+            assert "its members declare" in str(e.value)
+
+
+def test_declared_sizes_a_member_cannot_hold_are_refused():
+    from relaydiff.zipsizes import DeclaredSizeError, check_member
+    info = zipfile.ZipInfo("m")
+    info.compress_type, info.compress_size, info.file_size = zipfile.ZIP_STORED, 100, 100
+    check_member(info, size=100, limit=100)
+    info.file_size = 10 ** 12   # a stored member inflates to exactly what it stores
+    with pytest.raises(DeclaredSizeError, match="declares 1000000000000 bytes but stores 100"):
+        check_member(info)
+    info.compress_type = zipfile.ZIP_DEFLATED   # and deflate cannot do better than 1032:1
+    with pytest.raises(DeclaredSizeError, match="1032:1"):
+        check_member(info)
+    info.file_size = 1032 * 100
+    check_member(info)
+    with pytest.raises(DeclaredSizeError, match="more than the 1000 allowed"):
+        check_member(info, limit=1000)
+
+
+def _npy(arr: np.ndarray | None = None, header: dict | None = None, data: bytes = b"") -> bytes:
+    """An .npy file: ``arr`` saved, or a bare ``header`` (shape, descr) followed by ``data``."""
+    buf = io.BytesIO()
+    if arr is not None:
+        np.save(buf, arr)
+    else:
+        np.lib.format.write_array_header_1_0(buf, {"fortran_order": False, **header})
+        buf.write(data)
+    return buf.getvalue()
+
+
+def _npz(path: pathlib.Path, members: dict[str, bytes], flip: str | None = None) -> str:
+    """A stored zip of ``.npy`` members; ``flip`` names one whose last data byte is flipped (its CRC then fails)."""
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name + ".npy", data)
+    if flip is not None:
+        raw = bytearray(path.read_bytes())
+        raw[raw.index(members[flip]) + len(members[flip]) - 1] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    return str(path)
+
+
+def test_stats_npz_corrupt_or_declaring_too_much_is_a_value_error(tmp_path):
+    from relaydiff.metrics import load_stats
+    mu, sigma = np.arange(4.0), np.eye(4) * 2
+    good = _npz(tmp_path / "good.npz", {"mu": _npy(mu), "sigma": _npy(sigma), "n": _npy(np.int64(7))})
+    s = load_stats(good)
+    np.testing.assert_array_equal(s.mu, mu)
+    np.testing.assert_array_equal(s.sigma, sigma)
+    assert s.n == 7
+    bad = _npz(tmp_path / "bad.npz", {"mu": _npy(mu), "sigma": _npy(sigma)}, flip="sigma")
+    with pytest.raises(ValueError, match=r"bad\.npz.*CRC"):
+        load_stats(bad)
+    # headers that declare far more than their member holds: refused before numpy allocates
+    for name, shape in (("huge", (10 ** 11,)), ("big", (8 << 20,))):   # 745 GiB; 64 MiB
+        path = _npz(tmp_path / f"{name}.npz", {"mu": _npy(header={"shape": shape, "descr": "<f8"}, data=bytes(64)),
+                                               "sigma": _npy(sigma)})
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError, match=rf"{name}\.npz.*declares a float64 array of shape \[{shape[0]}\]"):
+                load_stats(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 << 20, peak
+    odd_n = _npz(tmp_path / "odd_n.npz", {"mu": _npy(mu), "sigma": _npy(sigma), "n": _npy(np.arange(3))})
+    with pytest.raises(ValueError, match="'n' must be one integer"):
+        load_stats(odd_n)
+
+
+def test_npz_images_corrupt_or_declaring_too_much_are_clean_errors(tmp_path):
+    from relaydiff.images import ImageError
+    from relaydiff.metrics import open_images
+    arr = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)   # 12 KiB: read in chunks
+    good = open_images(_npz(tmp_path / "good.npz", {"arr_0": _npy(arr)}))
+    np.testing.assert_array_equal(torch.cat(list(good.batches(3))).permute(0, 2, 3, 1).numpy(), arr)
+    bad = open_images(_npz(tmp_path / "bad.npz", {"arr_0": _npy(arr)}, flip="arr_0"))   # the header reads fine
+    with pytest.raises(ImageError, match=r"bad\.npz: corrupt arr_0\.npy .*CRC"):
+        list(bad.batches(3))
+    big = _npz(tmp_path / "big.npz", {"arr_0": _npy(header={"shape": (10 ** 9, 32, 32, 3), "descr": "|u1"},
+                                                    data=arr.tobytes())})
+    with pytest.raises(ValueError, match=r"big\.npz.*declares a uint8 array of shape \[1000000000, 32, 32, 3\]"):
+        open_images(big)
 
 
 # ------------------------------------------------------------------ run directories
@@ -187,7 +345,8 @@ def test_eval_reads_only_what_a_sample_folder_lists(tmp_path):
 
 # ------------------------------------------------------------------ ops: autograd, compile, limits
 
-OPS_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the CUDA case carries the ``cuda`` marker: bench/gpu_check.sh runs ``-m cuda``; conftest skips it without a GPU
+OPS_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 @pytest.mark.parametrize("heun", [False, True])

@@ -15,8 +15,12 @@ import dataclasses
 import os
 import tempfile
 import warnings
+import zipfile
+import zlib
 
 import numpy as np
+
+from relaydiff.zipsizes import checked_member, npy_header
 
 
 def matrix_sqrt(a) -> np.ndarray:
@@ -141,19 +145,34 @@ class FeatureStats:
             raise
 
 
+def _read_npy(zf: zipfile.ZipFile, name: str) -> np.ndarray:
+    """One array of an ``.npz``; the sizes its zip entry and its ``.npy`` header declare are
+    checked against each other before the array is allocated (:mod:`relaydiff.zipsizes`)."""
+    info = checked_member(zf, name)
+    with zf.open(info) as f:
+        npy_header(f, info)
+        f.seek(0)
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
 def load_stats(path: str) -> FeatureStats:
     """Read a statistics ``.npz`` (ours, ADM's reference batches, pytorch-fid's ``fid_stats``):
     ``mu``/``sigma`` required, ``mu_s``/``sigma_s``/``pool``/``probs`` used when present."""
     try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+        data = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path!r} is not a readable .npz statistics file: {e}") from e
     with data:
-        missing = [k for k in ("mu", "sigma") if k not in data.files]
+        files = {n[:-len(".npy")] for n in data.namelist() if n.endswith(".npy")}
+        missing = [k for k in ("mu", "sigma") if k not in files]
         if missing:
             raise ValueError(f"{path!r} has no {' or '.join(missing)}: a statistics file needs 'mu' [D] "
-                             f"and 'sigma' [D, D] (found keys {sorted(data.files)})")
-        get = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "pool", "probs", "n") if k in data.files}
+                             f"and 'sigma' [D, D] (found keys {sorted(files)})")
+        try:
+            get = {k: _read_npy(data, k + ".npy") for k in ("mu", "sigma", "mu_s", "sigma_s", "pool", "probs", "n")
+                   if k in files}
+        except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"{path!r}: unreadable statistics ({' '.join(str(e).split())})") from e
     mu, sigma = get["mu"].astype(np.float64), get["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path!r}: 'mu' must be [D] and 'sigma' [D, D]; got {list(mu.shape)} and {list(sigma.shape)}")
@@ -163,6 +182,8 @@ def load_stats(path: str) -> FeatureStats:
     pool = get.get("pool")
     if pool is not None and (pool.ndim != 2 or pool.shape[1] != mu.shape[0]):
         raise ValueError(f"{path!r}: 'pool' must be [N, {mu.shape[0]}]; got {list(pool.shape)}")
+    if "n" in get and (get["n"].size != 1 or not np.issubdtype(get["n"].dtype, np.integer)):
+        raise ValueError(f"{path!r}: 'n' must be one integer; got {get['n'].dtype} {list(get['n'].shape)}")
     n = int(get["n"]) if "n" in get else (pool.shape[0] if pool is not None else 0)
     return FeatureStats(mu=mu, sigma=sigma,
                         mu_s=None if mu_s is None else mu_s.astype(np.float64),

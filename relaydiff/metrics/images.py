@@ -5,17 +5,20 @@ tensor. Every source yields ``uint8`` batches ``[B, 3, H, W]`` and has a content
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import zipfile
+import zlib
 
 import numpy as np
 import torch
 
 from relaydiff.images import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from relaydiff.images import float_to_uint8 as to_uint8  # [B, C, H, W] in [-1, 1] -> uint8, layout kept
-from relaydiff.images import (SAMPLE_MANIFEST, center_square, open_image, open_zip_member, read_image,
+from relaydiff.images import (SAMPLE_MANIFEST, ImageError, center_square, open_image, open_zip_member, read_image,
                               read_sample_manifest, square_array)
+from relaydiff.zipsizes import checked_member, npy_header
 
 
 def decode_rgb(data, name: str = "image") -> np.ndarray:
@@ -139,12 +142,26 @@ class NpzSource(ImageSource):
 
     def __init__(self, path: str):
         self.path = path
-        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-            shape, _, dtype = _npy_header(f)
+        try:
+            with self._array() as (_, shape, fortran, dtype):
+                pass
+        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"{path!r}: unreadable arr_0 ({' '.join(str(e).split())})") from e
+        if fortran:
+            raise ValueError(f"{path!r}: arr_0 is stored in Fortran order; expected C order")
         if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
             raise ValueError(f"{path!r}: arr_0 must be uint8 [N, H, W, 3]; got {dtype} {list(shape)}")
         self.shape = shape
         self.names = [str(i) for i in range(shape[0])]
+
+    @contextlib.contextmanager
+    def _array(self):
+        """``(file, shape, fortran_order, dtype)`` of arr_0, the file at its data; the zip entry's
+        declared size and the header's shape are checked against each other first (relaydiff.zipsizes)."""
+        with zipfile.ZipFile(self.path) as z:
+            info = checked_member(z, "arr_0.npy")
+            with z.open(info) as f:
+                yield (f, *npy_header(f, info))
 
     def read(self, i: int) -> np.ndarray:
         return next(iter(self._chunks(i, i + 1)))[0].copy()
@@ -152,12 +169,17 @@ class NpzSource(ImageSource):
     def _chunks(self, start: int, stop: int, size: int = 1):
         n, h, w, c = self.shape
         item = h * w * c
-        with zipfile.ZipFile(self.path) as z, z.open("arr_0.npy") as f:
-            _npy_header(f)
-            f.seek(f.tell() + start * item)
-            for i in range(start, stop, size):
-                k = min(size, stop - i)
-                yield np.frombuffer(f.read(k * item), np.uint8).reshape(k, h, w, c)
+        try:
+            with self._array() as (f, *_):
+                f.seek(f.tell() + start * item)
+                for i in range(start, stop, size):
+                    k = min(size, stop - i)
+                    data = f.read(k * item)
+                    if len(data) != k * item:
+                        raise EOFError("the array ends early")
+                    yield np.frombuffer(data, np.uint8).reshape(k, h, w, c)
+        except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:   # the file changed, or is corrupt
+            raise ImageError(f"{self.path}: corrupt arr_0.npy ({' '.join(str(e).split())})") from None
 
     def batches(self, batch_size: int, num_workers: int = 0):
         for chunk in self._chunks(0, self.shape[0], batch_size):
@@ -165,17 +187,6 @@ class NpzSource(ImageSource):
 
     def content_hash(self) -> str:
         return file_hash(self.path)
-
-
-def _npy_header(f):
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    if fortran:
-        raise ValueError("arr_0 is stored in Fortran order; expected C order")
-    return shape, fortran, dtype
 
 
 class TensorSource(ImageSource):

@@ -37,11 +37,17 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from relaydiff.zipsizes import DeclaredSizeError, checked_member
+
 # torch.serialization's legacy (non-zip) header: magic number, then protocol version
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 _LEGACY_HEAD = pickle.dumps(LEGACY_MAGIC, protocol=2)
 _ZIP_HEAD = b"PK\x03\x04"
+# A torch file's pickle describes its tensors, whose data are other members: an EDM/RDM
+# release's or an Inception network's data.pkl is tens of KB, a few MB at most with a big
+# network's optimizer state and module source. Larger is refused before it is inflated.
+MAX_PICKLE_BYTES = 64 << 20
 
 
 class ForbiddenGlobal(pickle.UnpicklingError):
@@ -431,23 +437,29 @@ def _is_torchscript(zf: zipfile.ZipFile, prefix: str) -> bool:
     return any(n.startswith(prefix + "code/") or n == prefix + "constants.pkl" for n in zf.namelist())
 
 
+def _member(zf: zipfile.ZipFile, name: str, what: str, **limits) -> zipfile.ZipInfo:
+    """``name``'s directory entry, the size it declares checked before anything is inflated
+    (:func:`relaydiff.zipsizes.check_member`): a member that would inflate to more than its
+    reader needs is refused unread."""
+    try:
+        return checked_member(zf, name, **limits)
+    except KeyError:
+        raise _malformed(f"{what} has no data record") from None
+    except DeclaredSizeError as e:
+        raise _malformed(f"{what}: {e}") from None
+
+
 def _read_torch_zip(zf: zipfile.ZipFile, unpickler: type[RestrictedUnpickler]) -> Any:
     prefix = _zip_prefix(zf)
-    if prefix + "byteorder" in zf.namelist() and zf.read(prefix + "byteorder").strip() != b"little":
-        raise _malformed("big-endian torch files are not supported")
+    if prefix + "byteorder" in zf.namelist():
+        if zf.read(_member(zf, prefix + "byteorder", "byteorder", limit=16)).strip() != b"little":
+            raise _malformed("big-endian torch files are not supported")
     refs: dict[str, StorageRef] = {}
 
     def reader(key: str, nbytes: int) -> Callable[[int, int], bytes]:
         def read(start: int, stop: int) -> bytes:
-            try:
-                info = zf.getinfo(f"{prefix}data/{key}")
-            except KeyError:
-                raise _malformed(f"storage {key!r} has no data record") from None
-            # the size the zip declares, checked before anything is inflated: a member that
-            # inflates to more than its storage needs is refused unread
-            if info.file_size != nbytes:
-                raise _malformed(f"storage {key!r} has {info.file_size} bytes in the file, {nbytes} in its record")
-            with zf.open(info) as f:
+            # a storage's member must inflate to exactly the bytes its record describes
+            with zf.open(_member(zf, f"{prefix}data/{key}", f"storage {key!r}", size=nbytes)) as f:
                 f.seek(start)
                 return f.read(stop - start)
         return read
@@ -462,7 +474,7 @@ def _read_torch_zip(zf: zipfile.ZipFile, unpickler: type[RestrictedUnpickler]) -
             raise _malformed(f"storage {key!r} is described twice differently")
         return ref
 
-    with zf.open(prefix + "data.pkl") as f:
+    with zf.open(_member(zf, prefix + "data.pkl", "data.pkl", limit=MAX_PICKLE_BYTES)) as f:
         return unpickler(f, persistent_load).load()
 
 

@@ -7,14 +7,17 @@ and ``latest`` last, so an interrupted save leaves the previous checkpoint in fo
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import re
+import zipfile
 from typing import Any
 
 import torch
 
 from relaydiff.models.checkpoint import (LATEST, atomic_write, read_latest, read_meta, remove_stale_temporaries,
                                          save_weights)
+from relaydiff.zipsizes import TORCH_MAX_RATIO, DeclaredSizeError, check_archive
 
 _NAME = re.compile(r"^step-(\d{7,})\.safetensors$")
 
@@ -60,9 +63,23 @@ def latest_checkpoint(run_dir: pathlib.Path) -> pathlib.Path | None:
     return weights
 
 
+def _check_state_file(path: pathlib.Path) -> None:
+    """Refuse a ``.state.pt`` whose zip directory declares more than the file can hold, before
+    ``torch.load`` reserves (and inflates) what it declares: torch.save stores every member
+    uncompressed, so a genuine file's members inflate to less than the file."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            check_archive(zf, os.path.getsize(path), max_ratio=TORCH_MAX_RATIO)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path} is not a training state written by torch.save ({e})") from None
+    except DeclaredSizeError as e:
+        raise ValueError(f"{path} is not a training state written by torch.save: {e}") from None
+
+
 def load_checkpoint(weights: pathlib.Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """``(tensors, meta, state)`` of a checkpoint written by :func:`save_checkpoint`."""
     from safetensors.torch import load_file
     meta = read_meta(weights)
+    _check_state_file(_state_path(weights))
     state = torch.load(_state_path(weights), map_location="cpu", weights_only=True)
     return load_file(str(weights)), meta, state
