@@ -145,10 +145,11 @@ def from_uint8(a: np.ndarray) -> torch.Tensor:
     return uint8_to_float(t.permute(0, 3, 1, 2))
 
 
-# The authors' post-processing (``img_enhance`` of THUDM/RelayDiffusion's generate_imagenet.py
+# The authors' post-processing (``save_samples`` of THUDM/RelayDiffusion's generate_imagenet.py
 # and generate_celebahq.py), applied to every image before their published FIDs were computed:
-# PIL ``ImageEnhance`` operations with their factors, in order. Opt-in (``--post``), since it
-# changes the samples' statistics rather than the model's.
+# their uint8 conversion (authors_to_uint8), then ``img_enhance``, PIL ``ImageEnhance``
+# operations with their factors, in order. Opt-in (``--post``), since it changes the samples'
+# statistics rather than the model's.
 AUTHORS_ENHANCE = {
     "authors-enhance-imagenet256": (("Brightness", 1.06),),
     "authors-enhance-celebahq256": (("Contrast", 0.9), ("Brightness", 1.05), ("Color", 0.99)),
@@ -171,6 +172,26 @@ def authors_enhance(images: np.ndarray, name: str) -> np.ndarray:
             pil = getattr(ImageEnhance, op)(pil).enhance(factor)
         out.append(np.asarray(pil).reshape(image.shape))
     return np.stack(out) if out else images.copy()
+
+
+def authors_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """``[B, C, H, W]`` floats -> ``[B, H, W, C]`` uint8 as the authors' ``save_samples``:
+    ``(x * 127.5 + 128).clip(0, 255).to(torch.uint8)``, i.e. ``floor(127.5 x + 128)`` clipped
+    to [0, 255] (ties ``127.5 (x + 1) = k + 1/2`` go up; :func:`to_uint8` rounds them to even).
+    Computed in float64, operation for operation, as their (float64) images are."""
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images must be [B, C, H, W] with C = 1 or 3; got shape {tuple(x.shape)}")
+    u8 = (x.detach().to(torch.float64) * 127.5 + 128).clamp(0, 255).floor().to(torch.uint8)
+    return u8.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def authors_postprocess(x: torch.Tensor, name: str) -> np.ndarray:
+    """The authors' ``save_samples``: ``[B, C, H, W]`` floats -> ``[B, H, W, C]`` uint8 through
+    their conversion (:func:`authors_to_uint8`) and their enhancement ``name`` (a key of
+    :data:`AUTHORS_ENHANCE`, :func:`authors_enhance`)."""
+    if name not in AUTHORS_ENHANCE:
+        raise ValueError(f"unknown post-processing {name!r}; choose one of {sorted(AUTHORS_ENHANCE)}")
+    return authors_enhance(authors_to_uint8(x), name)
 
 
 def save_png(image: np.ndarray, path) -> None:

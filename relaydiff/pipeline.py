@@ -23,7 +23,7 @@ from relaydiff.ops._validate import check_image, check_seed
 
 from .sampling import cfg, edm_grid, get_preset, nearest_upsample, relay_init, sample_edm, sample_relay
 from .sampling.presets import SamplerPreset
-from .sampling.seeds import check_seeds, derive_seed, seeded, split_seed
+from .sampling.seeds import authors_class_labels, check_seeds, derive_seed, seeded, split_seed
 
 # derive_seed paths: one independent noise source per use
 _LATENT, _BASE, _INIT, _RELAY, _INNER, _LABELS = range(1, 7)
@@ -202,7 +202,9 @@ class RelayPipeline:
             if class_labels is not None:
                 raise ValueError("class_labels given, but the models are unconditional (label_dim 0)")
             return None
-        if class_labels is None and isinstance(seed, tuple):   # per-image seeds: a class per seed
+        if class_labels is None and isinstance(seed, tuple) and self.preset.labels == "seed-mod":
+            class_labels = authors_class_labels(seed, self.label_dim)   # the authors' scripts: seed % label_dim
+        elif class_labels is None and isinstance(seed, tuple):   # per-image seeds: a class per seed
             class_labels = torch.cat([torch.randint(self.label_dim, (1,), generator=torch.Generator()
                                                     .manual_seed(s)) for s in split_seed(seed, _LABELS)])
         elif class_labels is None:
@@ -315,7 +317,9 @@ class RelayPipeline:
         """Generate ``n`` images ``[n, C, H, W]`` in [-1, 1] at this pipeline's output resolution.
 
         ``class_labels``: ``[n]`` class indices or ``[n, label_dim]`` one-hot rows for a
-        class-conditional model (``None``: random classes from ``seed``). ``steps``: the grid
+        class-conditional model (``None``: random classes from ``seed``, or with per-image
+        ``seeds`` and a preset of ``labels="seed-mod"``, the ``authors-*`` presets, class
+        ``seeds[i] % label_dim`` as the authors' scripts). ``steps``: the grid
         size of both stages, or ``(stage1, relay)``; the relay grid is counted before
         truncation (the preset's ``sigma_cut`` drops its top). ``seed``: ``None`` draws one
         from torch's global generator; batch ``k`` uses seeds derived from ``(seed, k *

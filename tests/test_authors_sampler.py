@@ -8,20 +8,26 @@ samplers; only the noise fields come from relaydiff.ops (a pure function of (see
 drawn in the order their code calls ``randn_like``, with the seeds relaydiff's samplers
 document (``derive_seed(seed, step)`` for a step, ``(seed, step, 1)`` for the correction,
 ``(seed, step, 2)`` for churn). The noise is composed as theirs: ``randn + s_block *
-block_noise``, without normalization.
+block_noise``, without normalization. Their main loop (stage 1, ``F.interpolate`` of the
+unclamped stage-1 images, relay stage, classes ``seed % label_dim``) is composed from the two
+transcriptions and compared with ``RelayPipeline.sample``; their uint8 conversion with relaydiff's
+``authors_to_uint8``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from relaydiff import RelayConfig
-from relaydiff.images import authors_enhance
+from relaydiff.images import authors_enhance, authors_postprocess, authors_to_uint8, to_uint8
 from relaydiff.ops import block_noise, mixed_noise
 from relaydiff.pipeline import RelayPipeline
 from relaydiff.sampling import PRESETS, derive_seed, relay_init, sample_edm, sample_relay
@@ -223,6 +229,164 @@ def test_authors_stage1_matches_their_edm_sampler(name):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=ATOL)
 
 
+@pytest.fixture
+def float64_default():
+    """Float64 as torch's default dtype: the pipeline makes its stage-1 latent with it, so its
+    whole path (latent, stage 1, relay stage) then runs in float64, comparable to round-off."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(F64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS))
+def test_authors_pipeline_is_their_generate_loop(name, float64_default):
+    """``RelayPipeline.sample`` with an ``authors-*`` preset (shorter grids) against the main loop
+    of their generate script composed from the transcriptions above: per seed s, the class
+    ``s % label_dim`` (no class_labels given), the stage-1 sampler from the latent, the
+    unclamped stage-1 images upsampled by ``F.interpolate`` (nearest) to the relay size, the
+    blur sampler; the pipeline's images are those clamped to [-1, 1] (their save clips)."""
+    from relaydiff.config import NoiseConfig
+    from relaydiff.pipeline import _BASE, _INIT, _LATENT, _RELAY
+    a, ld = AUTHORS[name], AUTHORS[name]["label_dim"]
+    steps = (40, 64)
+    pipe = RelayPipeline(Toy(4, ld), Toy(16, ld), a["config"], sampler=PRESETS[name].with_steps(*steps))
+    seeds = [10007, 3, 42]                  # ImageNet toy (5 classes): classes 2, 3, 2
+    high, low = pipe.sample(seeds=seeds, batch_size=2, return_low=True, disable=True)
+    assert high.dtype == F64 and high.shape == (3, 3, 16, 16) and low.shape == (3, 3, 4, 4)
+    assert pipe.last_nfe["stage1"] == 2 * steps[0] - 1
+    for k, s in enumerate(seeds):
+        labels = None if ld == 0 else torch.eye(ld, dtype=F64)[[s % ld]]   # torch.eye(label_dim)[seeds % label_dim]
+        latents = NoiseConfig().draw(torch.empty(1, 3, 4, 4, dtype=F64), seed=derive_seed(s, _LATENT))
+        first = _authors_edm_sampler(Toy(4, ld), latents, labels, derive_seed(s, _BASE),
+                                     **{**a["first"], "num_steps": steps[0]})
+        up = F.interpolate(first, 16)       # their F.interpolate(images, 256)
+        second = _authors_blur_sampler(Toy(16, ld), up, labels, derive_seed(s, _RELAY), derive_seed(s, _INIT),
+                                       **{**a["second"], "num_steps": steps[1]})
+        assert 0.01 < second.abs().max() and 0.01 < first.abs().max()
+        torch.testing.assert_close(low[k:k + 1], first.clamp(-1, 1), rtol=0, atol=ATOL)
+        torch.testing.assert_close(high[k:k + 1], second.clamp(-1, 1), rtol=0, atol=ATOL)
+
+
+def test_authors_presets_label_images_seed_mod_label_dim():
+    """The ``authors-*`` presets carry the authors' labels (``labels="seed-mod"``): with per-image
+    seeds and no class_labels, the image of seed s has class s % label_dim, exactly as if those
+    classes were passed; ``labels="random"`` draws other classes; with one batch seed (no
+    per-image seeds) both modes draw the same random classes."""
+    for name in ("authors-imagenet256", "authors-celebahq256"):
+        assert PRESETS[name].labels == "seed-mod" and PRESETS[name].with_steps(3, 4).labels == "seed-mod"
+    assert PRESETS["imagenet256"].labels == "random"
+    with pytest.raises(ValueError, match="labels must be one of"):
+        dataclasses.replace(PRESETS["default"], labels="seed")
+    seeds = [10007, 3, 42, 8]
+    preset = PRESETS["authors-imagenet256"].with_steps(6, 24)
+    mod = RelayPipeline(Toy(4, 5), Toy(16, 5), RelayConfig.imagenet256(normalize_noise=False), sampler=preset)
+    rnd = RelayPipeline(Toy(4, 5), Toy(16, 5), RelayConfig.imagenet256(normalize_noise=False),
+                        sampler=dataclasses.replace(preset, labels="random"))
+    got = mod.sample(seeds=seeds, batch_size=3, disable=True)
+    assert torch.equal(got, mod.sample(seeds=seeds, class_labels=[s % 5 for s in seeds], batch_size=3,
+                                       disable=True))
+    assert torch.equal(got, rnd.sample(seeds=seeds, class_labels=[2, 3, 2, 3], batch_size=3, disable=True))
+    assert not torch.equal(got, rnd.sample(seeds=seeds, batch_size=3, disable=True))
+    low = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.equal(mod.super_resolve(low, seeds=seeds, disable=True),
+                       mod.super_resolve(low, [2, 3, 2, 3], seeds=seeds, disable=True))
+    assert torch.equal(mod.sample(4, seed=5, disable=True), rnd.sample(4, seed=5, disable=True))
+
+
+def _tie_inputs():
+    """Float32 images holding, for every level k, the values next to the tie ``127.5 (x + 1) =
+    k + 1/2`` (the nearest float32 and 2 neighbours on each side; among them those whose float32
+    ``(x + 1) * 127.5`` is exactly ``k + 1/2``, relaydiff's ties), 0 (the one exact tie), the ends
+    and values beyond them."""
+    centre = ((np.arange(255) + 0.5) / 127.5 - 1).astype(np.float32)
+    xs = [centre]
+    for direction in (np.inf, -np.inf):
+        near = centre[centre != 0]          # (0's neighbours are denormals: their float64 sum with 128 rounds)
+        for _ in range(2):
+            near = np.nextafter(near, np.float32(direction))
+            xs.append(near)
+    xs.append(np.array([0.0, 1.0, -1.0, 1.5, -1.5, 0.9999, -0.9999], np.float32))
+    x = np.concatenate(xs)
+    x = np.concatenate([x, np.zeros((-len(x)) % 36, np.float32)])
+    return torch.from_numpy(x.reshape(-1, 3, 3, 4))
+
+
+def _floor_oracle(x: torch.Tensor) -> np.ndarray:
+    """``floor(127.5 x + 128)`` clipped to [0, 255], in exact rational arithmetic."""
+    vals = [min(255, max(0, math.floor(Fraction(float(v)) * Fraction(255, 2) + 128))) for v in x.flatten().tolist()]
+    return np.array(vals, np.uint8).reshape(x.shape).transpose(0, 2, 3, 1)
+
+
+def test_authors_conversion_is_their_floor_on_ties():
+    """Their save_samples: ``(x * 127.5 + 128).clip(0, 255).to(torch.uint8)``. On the ties of
+    relaydiff's own conversion (round half to even) they round up; elsewhere both agree."""
+    x = _tie_inputs()
+    t32 = ((x + 1) * 127.5).flatten()
+    ties = (t32 - t32.floor() == 0.5) & (t32 < 255)
+    assert int(ties.sum()) >= 200                        # most levels have a float32 tie
+    theirs = _floor_oracle(x)
+    got = authors_to_uint8(x)
+    assert got.dtype == np.uint8 and got.shape == theirs.shape and np.array_equal(got, theirs)
+    ours = to_uint8(x)
+    flat_diff = (ours != theirs).transpose(0, 3, 1, 2).flatten()
+    # they differ only where relaydiff's float32 value is a tie k + 1/2 (half to even; the exact value
+    # may lie on either side of it), by one level
+    assert np.abs(ours.astype(int) - theirs).max() == 1 and bool(flat_diff[~ties.numpy()].sum() == 0)
+    assert int(flat_diff.sum()) >= 100
+    # the one exact tie (x = 0: 127.5 -> 128) and the ends
+    assert authors_to_uint8(torch.tensor([0.0, 1.0, -1.0, 1.5, -1.5]).reshape(1, 1, 1, 5)).flatten().tolist() \
+        == [128, 255, 0, 255, 0]
+    # float64 images (theirs are): the same float64 operations as their code, here numpy's
+    # (at x = (m - 128) / 127.5 their value is m exactly, or just under it after float64 rounding)
+    x64 = torch.from_numpy(np.concatenate([(np.arange(-6, 294) - 128) / 127.5,
+                                           (np.arange(-300, 0) + 0.5) / 255]).reshape(2, 3, 10, 10))
+    want = np.clip(x64.numpy() * 127.5 + 128, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert np.array_equal(authors_to_uint8(x64), want)
+    # the post-processing: conversion, then img_enhance; the CLI's --post the same
+    from argparse import Namespace
+
+    from relaydiff.cli.sample import post_process
+    for name in ("authors-enhance-imagenet256", "authors-enhance-celebahq256"):
+        want = authors_enhance(theirs, name)
+        assert np.array_equal(authors_postprocess(x, name), want)
+        post = post_process(Namespace(post="authors-enhance", preset=name.replace("-enhance", "")))
+        assert np.array_equal(post(x), want) and np.array_equal(post(theirs), want)
+    plain = post_process(Namespace(post=None, preset="authors-imagenet256"))
+    assert np.array_equal(plain(x), ours) and plain(theirs) is theirs
+    with pytest.raises(ValueError, match="unknown post-processing"):
+        authors_postprocess(x, "enhance")
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        authors_to_uint8(x[:, :2])
+
+
+def test_cli_post_writes_their_save_samples(tmp_path, monkeypatch, capsys):
+    """``relaydiff sample --post authors-enhance`` writes what their save_samples writes for the
+    same float images (tie values included): their conversion, then img_enhance; without
+    ``--post``, relaydiff's own conversion."""
+    from relaydiff.cli import main
+
+    flat = _tie_inputs().flatten()
+    high = torch.cat([flat, torch.zeros(2 * 3 * 16 * 16 - flat.numel())]).reshape(2, 3, 16, 16)
+
+    def fake_from_checkpoints(stage1, *stage2, sampler, **kwargs):
+        pipe = RelayPipeline(Toy(4, 0), Toy(16, 0), RelayConfig.celebahq256(normalize_noise=False), sampler=sampler)
+        pipe.iter_sample = lambda *a, **kw: iter([(0, high, torch.zeros(2, 3, 4, 4))])
+        return pipe
+
+    monkeypatch.setattr(RelayPipeline, "from_checkpoints", staticmethod(fake_from_checkpoints))
+    (tmp_path / "a").write_text("x")
+    common = ["sample", "--stage1", str(tmp_path / "a"), "--stage2", str(tmp_path / "a"), "--seeds", "0-1",
+              "--preset", "authors-imagenet256", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "post"), "--post", "authors-enhance"]) == 0, capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0, capsys.readouterr().err
+    theirs = authors_enhance(_floor_oracle(high), "authors-enhance-imagenet256")
+    for k in range(2):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "post" / f"00000{k}.png")), theirs[k])
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "plain" / f"00000{k}.png")), to_uint8(high)[k])
+    assert not np.array_equal(authors_enhance(to_uint8(high), "authors-enhance-imagenet256"), theirs)
+
+
 def test_authors_enhance_matches_the_pil_formulas():
     """Their img_enhance against its closed form: brightness scales, contrast pulls towards the
     mean grey level, colour blends with the grey image, each stage truncated to integers. PIL's
@@ -322,8 +486,7 @@ def test_cli_authors_switches(tmp_path, monkeypatch, capsys):
     assert pr.stage1.sde_scale == 0.1 and not pr.relay.heun_last_level and not pr.relay.fresh_correction_noise
     assert (pr.relay.churn, pr.relay.churn_min, pr.relay.churn_max, pr.relay.churn_noise) == (5, 0.1, math.inf, 1.01)
     want = made["pipe"].sample(seeds=[1], steps=(6, 20), disable=True)
-    from relaydiff.images import to_uint8
-    want = authors_enhance(to_uint8(want), "authors-enhance-celebahq256")[0]
+    want = authors_enhance(_floor_oracle(want), "authors-enhance-celebahq256")[0]   # their save_samples
     assert np.array_equal(np.asarray(Image.open(out / "000001.png")), want)
     assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000002.png", "000004.png",
                                                      "relaydiff-sample.json"]
@@ -379,9 +542,9 @@ def _u8_to_float(path):
 
 def test_cli_upscale_class_seed_mod(tmp_path, monkeypatch, capsys):
     """``upscale --seeds LIST --class seed-mod``: the image of seed s is made with class s % label_dim
-    (their second-stage-only run), per image; without --class, random classes from the seeds."""
+    (their second-stage-only run), per image; without --class the same (the authors-* preset's
+    labels); ``--class random``: random classes from the seeds."""
     from relaydiff.cli import main
-    from relaydiff.images import to_uint8
 
     made = _fake_upscale_pipeline(monkeypatch, label_dim=5)
     src = tmp_path / "in"
@@ -394,13 +557,17 @@ def test_cli_upscale_class_seed_mod(tmp_path, monkeypatch, capsys):
     common = ["upscale", "--stage2", str(tmp_path / "relay"), "--in", str(src), "--steps", "12",
               "--preset", "authors-celebahq256", "--seeds", "12,7,9", "--batch", "2", "--quiet"]
     assert main([*common, "--out", str(tmp_path / "mod"), "--class", "seed-mod"]) == 0, capsys.readouterr().err
-    assert main([*common, "--out", str(tmp_path / "rand")]) == 0, capsys.readouterr().err
     pipe = made["pipe"]
+    assert main([*common, "--out", str(tmp_path / "preset")]) == 0, capsys.readouterr().err
+    assert made["pipe"].preset.labels == "seed-mod"
+    assert main([*common, "--out", str(tmp_path / "rand"), "--class", "random"]) == 0, capsys.readouterr().err
+    assert made["pipe"].preset.labels == "random"
     for k, name in enumerate("abc"):
         low = _u8_to_float(src / f"{name}.png")
         want = pipe.super_resolve(low, [seeds[k] % 5], seeds=[seeds[k]], steps=12, disable=True)
-        got = np.array(Image.open(tmp_path / "mod" / f"{name}.png"))
-        assert np.array_equal(got, to_uint8(want)[0])
+        for run in ("mod", "preset"):
+            got = np.array(Image.open(tmp_path / run / f"{name}.png"))
+            assert np.array_equal(got, to_uint8(want)[0])
     # classes 2, 2, 4 against the random classes drawn from the seeds: other images
     assert any(not np.array_equal(np.array(Image.open(tmp_path / "mod" / f"{n}.png")),
                                   np.array(Image.open(tmp_path / "rand" / f"{n}.png"))) for n in "abc")
@@ -409,10 +576,37 @@ def test_cli_upscale_class_seed_mod(tmp_path, monkeypatch, capsys):
     assert rc == 2 and len(err) == 1 and "--class seed-mod" in err[0] and "needs --seeds" in err[0], err
     assert not (tmp_path / "o2").exists()
     _fake_upscale_pipeline(monkeypatch, label_dim=0)
-    rc = main([*common, "--out", str(tmp_path / "o3"), "--class", "seed-mod"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "unconditional" in err[0], err
-    assert not (tmp_path / "o3").exists()
+    for mode in ("seed-mod", "random"):
+        rc = main([*common, "--out", str(tmp_path / "o3"), "--class", mode])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "unconditional" in err[0], err
+        assert not (tmp_path / "o3").exists()
+
+
+def test_cli_upscale_post_writes_their_save_samples(tmp_path, monkeypatch, capsys):
+    """``relaydiff upscale --post authors-enhance``: the same as ``sample --post`` (their
+    floor conversion of the float output, tie values included, then img_enhance)."""
+    from relaydiff.cli import main
+
+    flat = _tie_inputs().flatten()
+    high = torch.cat([flat, torch.zeros(2 * 3 * 16 * 16 - flat.numel())]).reshape(2, 3, 16, 16)
+    made = _fake_upscale_pipeline(monkeypatch, label_dim=0)
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(np.full((4, 4, 3), 100, np.uint8)).save(src / f"{name}.png")
+    (tmp_path / "relay").write_text("x")
+    real = RelayPipeline.super_resolve
+    monkeypatch.setattr(RelayPipeline, "super_resolve", lambda self, *a, **kw: high.clone())
+    common = ["upscale", "--stage2", str(tmp_path / "relay"), "--in", str(src), "--preset", "authors-imagenet256",
+              "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "post"), "--post", "authors-enhance"]) == 0, capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0, capsys.readouterr().err
+    assert made["pipe"] is not None and RelayPipeline.super_resolve is not real
+    theirs = authors_enhance(_floor_oracle(high), "authors-enhance-imagenet256")
+    for k, name in enumerate("ab"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "post" / f"{name}.png")), theirs[k])
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "plain" / f"{name}.png")), to_uint8(high)[k])
 
 
 # ------------------------------------------------------------ iDDPM: EDM rounds every level

@@ -183,7 +183,8 @@ def write_edm_pkl(path, net, kwargs, module_src, protocol=4, loss=None, extra=No
 def write_rdm_pt(path, ema_net, kwargs, module_src, monkeypatch, zip_format=True):
     """An RDM training state ``torch.save(dict(optimizer_state, step, ema, net))`` with CUDA-tagged
     storages. Returns the number of optimizer storages (saved first: keys 0..n-1)."""
-    net, _ = edm_network(seed=1)   # the raw training weights: different from the EMA
+    # the raw training weights, of the EMA's architecture: different from the EMA
+    net, _ = edm_network(seed=1, **{k: v for k, v in kwargs.items() if k in EDM_KWARGS})
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     for p in net.parameters():
         p.grad = torch.randn_like(p)
@@ -315,6 +316,55 @@ def test_rdm_pt_reads_ema_only_from_cuda_tagged_storages(tmp_path, edm_modules, 
     assert meta["source"]["dropped_kwargs"] == {"eff_attn": True}
     assert_same_model(load_model(dst)[0], ema)
     assert convert_release(src, stage="base")[1]["stage"] == "base"
+
+
+@pytest.mark.parametrize("release", ["imagenet", "celebahq"])
+def test_converted_rdm_relay_stage_samples_on_its_stage1(tmp_path, edm_modules, monkeypatch, capsys, release):
+    """The authors' released pairs at small size (8 -> 32 px), converted as docs/pretrained.md
+    says and sampled end to end by ``relaydiff sample`` with their sampler preset, classes and
+    post-processing. ImageNet: an EDM pickle stage 1 (class-conditional ADM,
+    ``imagenet_first_stage.pkl``) under an RDM ``.pt`` relay stage (``--relay imagenet256``);
+    CelebA-HQ: an RDM ``.pt`` stage 1 (``--stage base``) under an RDM ``.pt`` relay stage
+    (``--relay celebahq256``), both unconditional. The PNGs are the pipeline's images for the
+    same seeds, classes ``seed % label_dim``, through the authors' save_samples."""
+    from test_convert_releases import check_sample_folder, sample_argv
+
+    from relaydiff.images import authors_postprocess
+    from relaydiff.pipeline import RelayPipeline
+    label_dim = 4 if release == "imagenet" else 0
+    edm_defaults = ("sigma_min", "sigma_max")   # an RDM state records EDM's defaults 0, inf
+    base, base_kwargs = edm_network(seed=4, label_dim=label_dim)
+    relay, relay_kwargs = edm_network(seed=5, label_dim=label_dim, img_resolution=32)   # patch size 4
+    relay_kwargs = {k: v for k, v in relay_kwargs.items() if k not in edm_defaults}
+    if release == "imagenet":
+        base_src = write_edm_pkl(tmp_path / "imagenet_first_stage.pkl", base, base_kwargs, "")
+        base_flags = []
+    else:
+        base_kwargs = {k: v for k, v in base_kwargs.items() if k not in edm_defaults}
+        base_src = tmp_path / "celebahq_first_stage.pt"
+        write_rdm_pt(base_src, base, base_kwargs, "", monkeypatch)
+        base_flags = ["--stage", "base"]
+    relay_src = tmp_path / f"{release}_second_stage.pt"
+    write_rdm_pt(relay_src, relay, relay_kwargs, "", monkeypatch)
+    base_dst, relay_dst = tmp_path / "base.safetensors", tmp_path / "relay.safetensors"
+    assert cli_main(["convert", str(base_src), str(base_dst), "--quiet", *base_flags]) == 0
+    assert cli_main(["convert", str(relay_src), str(relay_dst), "--quiet", "--relay", f"{release}256"]) == 0
+    want = RelayConfig.imagenet256 if release == "imagenet" else RelayConfig.celebahq256
+    assert read_meta(relay_dst)["relay"] == want(normalize_noise=False).to_dict()
+    assert read_meta(base_dst)["stage"] == "base" and read_meta(relay_dst)["stage"] == "relay"
+    capsys.readouterr()
+
+    preset = f"authors-{release}256"
+    out, seeds = tmp_path / "samples", [5, 0, 2]
+    rc = cli_main(sample_argv(base_dst, [relay_dst], out, "--seeds", "5,0,2", "--steps", "4,8", "--batch", "2",
+                              "--preset", preset, "--post", "authors-enhance"))
+    assert rc == 0, capsys.readouterr().err
+    pipe = RelayPipeline.from_checkpoints(base_dst, relay_dst, sampler=preset)
+    assert pipe.out_shape == (3, 32, 32) and pipe.label_dim == label_dim
+    labels = [s % label_dim for s in seeds] if label_dim else None       # the authors' classes
+    high = pipe.sample(seeds=seeds, class_labels=labels, steps=(4, 8), disable=True)
+    assert pipe.last_nfe == {"stage1": 7, "relay": 2 * (len(pipe.relay_sigmas((4, 8))) - 1) - 1}
+    check_sample_folder(out, seeds, high, high_u8=authors_postprocess(high, f"authors-enhance-{release}256"))
 
 
 @pytest.mark.cuda

@@ -1,7 +1,8 @@
 """EDM's released network pickles as stage 1 (relaydiff.models.convert): files built with the
 structure of each kind of release (the recorded constructor keywords of EDM's train.py, tiny widths),
 converted and compared tensor by tensor and, in float64, with EDM's math (the oracle of
-tests/test_edm_models.py), then sampled as the stage 1 of a relay pipeline. Also the checks on
+tests/test_edm_models.py), then sampled as the stage 1 of a relay stage, by the pipeline and by
+``relaydiff sample``. Also the checks on
 the embedded source: a modified architecture constant is refused, an unknown source warned about.
 """
 from __future__ import annotations
@@ -10,11 +11,14 @@ import hashlib
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from relaydiff.cli import main as cli_main
 from relaydiff.config import RelayConfig
+from relaydiff.images import read_sample_manifest, to_uint8
 from relaydiff.models import (ConversionError, DhariwalUNet, SongUNet, build_model, convert_checkpoint,
                               convert_release, load_model, load_pretrained, network_kwargs, read_meta, save_weights)
 from relaydiff.models import convert as convert_module
@@ -170,9 +174,35 @@ def relay32(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("name", ["edm-cifar10-32x32-cond-vp", "baseline-cifar10-32x32-uncond-vp",
-                                  "baseline-cifar10-32x32-uncond-ve", "baseline-imagenet-64x64-cond-adm"])
-def test_converted_release_is_a_pipeline_stage1(tmp_path, edm_modules, relay32, name, capsys):
+def sample_argv(stage1, stage2, out, *flags) -> list[str]:
+    """The arguments of ``relaydiff sample`` on the CPU with these checkpoints and ``flags``."""
+    return ["sample", "--stage1", str(stage1), "--stage2", *map(str, stage2), "--out", str(out), "--device", "cpu",
+            "--quiet", *flags]
+
+
+def check_sample_folder(out, seeds, high, low=None, high_u8=None):
+    """What ``relaydiff sample --seeds`` wrote to ``out``: one PNG per seed (and under low/ with
+    --save-low), listed in the manifest, each the uint8 image of the pipeline's float ``high``
+    (``high_u8``: the expected uint8 images instead) and ``low`` for the same seeds."""
+    names = [f"{s:06d}.png" for s in seeds]
+    assert read_sample_manifest(str(out)) == names
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".png") == sorted(names)
+    assert torch.isfinite(high).all() and float(high.std()) > 1e-3       # finite, not a constant image
+    assert bool((high.abs() < 1).any())                                  # not clamped everywhere
+    want = to_uint8(high) if high_u8 is None else high_u8
+    for k, name in enumerate(names):
+        img = np.asarray(Image.open(out / name))
+        assert img.dtype == np.uint8 and img.shape == (*high.shape[2:], 3)
+        assert np.array_equal(img, want[k]), name
+        if low is not None:
+            assert np.array_equal(np.asarray(Image.open(out / "low" / name)), to_uint8(low)[k]), name
+
+
+@pytest.mark.parametrize("name", list(RELEASES))
+def test_converted_release_is_a_stage1_of_the_pipeline_and_the_cli(tmp_path, edm_modules, relay32, name, capsys):
+    """Each EDM release structure, converted with ``relaydiff convert``, as the stage 1 of a
+    relay stage: through ``RelayPipeline`` and through ``relaydiff sample`` (the images it writes
+    are the pipeline's for the same seeds)."""
     net, _, kwargs = release_network(name)
     src = write_edm_pkl(tmp_path / "src.pkl", net, kwargs, "")
     dst = tmp_path / "stage1.safetensors"
@@ -190,6 +220,17 @@ def test_converted_release_is_a_pipeline_stage1(tmp_path, edm_modules, relay32, 
     high, low = pipe.sample(2, seed=0, return_low=True, disable=True)
     assert high.shape == (2, 3, 32, 32) and low.shape == (2, 3, 8, 8)
     assert torch.isfinite(high).all() and torch.isfinite(low).all()
+
+    # relaydiff sample with this stage 1 (per-image seeds: the same images in any batch)
+    seeds = [0, 3, 7]
+    out = tmp_path / "samples"
+    rc = cli_main(sample_argv(dst, [relay32], out, "--seeds", "0,3,7", "--steps", "4,6", "--batch", "2",
+                              "--save-low"))
+    assert rc == 0, capsys.readouterr().err
+    high, low = RelayPipeline.from_checkpoints(dst, relay32).sample(seeds=seeds, steps=(4, 6), return_low=True,
+                                                                   disable=True)
+    assert torch.isfinite(low).all() and float(low.std()) > 1e-3
+    check_sample_folder(out, seeds, high, low)
 
 
 def test_known_source_converts_silently(tmp_path, edm_modules, monkeypatch):

@@ -25,6 +25,9 @@ import sys
 
 from .common import CLIError, new_folder, pick_device
 
+SEED_MOD = "seed-mod"   # --class seed-mod: the authors' labels, class = seed % label_dim
+RANDOM = "random"       # --class random: classes drawn from the seed, whatever the preset's label mode
+
 
 def parse_int(value: str, flag: str, low: int = 1) -> int:
     try:
@@ -81,13 +84,15 @@ def add_sampler_args(p) -> None:
                    help="churn inside the relay sampler as in the authors' CelebA-HQ code: S_churn, and "
                         "optionally S_min, S_max, S_noise (default: the preset's, off)")
     p.add_argument("--post", choices=["authors-enhance", *sorted(AUTHORS_ENHANCE)],
-                   help="post-process the saved images as the authors' scripts did before their published "
-                        "FIDs (authors-enhance: the one of the --preset authors-*); off by default")
+                   help="save the images as the authors' scripts did before their published FIDs: their uint8 "
+                        "conversion floor(127.5 x + 128) and their img_enhance (authors-enhance: the one of the "
+                        "--preset authors-*); off by default")
     p.add_argument("--consistency", action="store_true",
                    help="keep the low-resolution image's patch means: the output box-downsamples to it")
-    p.add_argument("--class", metavar="K", dest="class_idx", help="class index for every image, or seed-mod "
-                   "with --seeds: the image of seed s gets class s %% classes, as the authors' scripts "
-                   "(class-conditional models; default: random classes from the seed)")
+    p.add_argument("--class", metavar="K", dest="class_idx", help="class index for every image, seed-mod "
+                   "with --seeds: the image of seed s gets class s %% classes, as the authors' scripts, or random: "
+                   "classes drawn from the seed (class-conditional models; default: the preset's, random except "
+                   "seed-mod with --preset authors-* and --seeds)")
     p.add_argument("--seed", help="base random seed (default 0)")
     p.add_argument("--batch", default="16", help="images per batch (default 16)")
     p.add_argument("--which", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
@@ -102,9 +107,12 @@ def checkpoint_path(path: str, flag: str) -> str:
 
 
 def sampler_preset(args):
-    """The chosen preset with ``--cfg``/``--s-noise`` (and ``--cfg1`` where the command has it) applied."""
+    """The chosen preset with ``--cfg``/``--s-noise`` (and ``--cfg1`` where the command has it) applied,
+    and ``--class random`` / ``seed-mod`` as its label mode."""
     from relaydiff.sampling import get_preset
     preset = get_preset(args.preset)
+    if getattr(args, "class_idx", None) in (RANDOM, SEED_MOD):
+        preset = dataclasses.replace(preset, labels=args.class_idx)
     stage1 = {}
     cfg1 = parse_float(getattr(args, "cfg1", None), "--cfg1")
     if cfg1 is not None:
@@ -138,17 +146,26 @@ def sampler_preset(args):
 
 
 def post_process(args):
-    """``--post`` -> a function of ``[B, H, W, C]`` uint8 images (identity without it)."""
-    from relaydiff.images import authors_enhance
+    """``--post`` -> the function that makes the saved images. Given the generated floats
+    ``[B, C, H, W]`` in [-1, 1] it returns ``[B, H, W, C]`` uint8: ``to_uint8`` without ``--post``;
+    with ``--post authors-*`` the authors' ``save_samples`` (their conversion ``floor(127.5 x +
+    128)``, then their enhancement; ``relaydiff.images.authors_postprocess``). Given images that
+    are already uint8 ``[B, H, W, C]`` it applies only the enhancement (identity without ``--post``)."""
+    import numpy as np
+
+    from relaydiff.images import authors_enhance, authors_postprocess, to_uint8
     name = getattr(args, "post", None)
-    if name is None:
-        return lambda images: images
     if name == "authors-enhance":
         name = "authors-enhance-" + args.preset.removeprefix("authors-")
         if not args.preset.startswith("authors-"):
             raise CLIError("--post authors-enhance needs --preset authors-imagenet256 or authors-celebahq256 "
                            "(or name the enhancement: --post authors-enhance-imagenet256, ...)")
-    return lambda images: authors_enhance(images, name)
+
+    def post(images):
+        if isinstance(images, np.ndarray):
+            return images if name is None else authors_enhance(images, name)
+        return to_uint8(images) if name is None else authors_postprocess(images, name)
+    return post
 
 
 def parse_seeds(value: str) -> list[int]:
@@ -198,14 +215,16 @@ def class_labels(args, pipe, n: int):
     return [k] * n
 
 
-SEED_MOD = "seed-mod"   # --class seed-mod: the authors' labels, class = seed % label_dim
-
-
 def class_labels_for(args, pipe, n: int, seeds: list[int] | None):
     """The labels of ``--class``: ``K`` for every image, ``seed-mod`` (the authors' generate
     scripts: the image of seed ``s`` gets class ``s % label_dim``, needs ``--seeds``;
-    :func:`relaydiff.sampling.authors_class_labels`) or none (``None``: random classes from the
-    seed). ``pipe=None`` only checks the flags, before anything is loaded."""
+    :func:`relaydiff.sampling.authors_class_labels`), ``random`` or none (``None``: the pipeline's
+    preset decides, :class:`relaydiff.sampling.SamplerPreset` ``labels``; :func:`sampler_preset`
+    sets it for ``random``). ``pipe=None`` only checks the flags, before anything is loaded."""
+    if args.class_idx == RANDOM:
+        if pipe is not None and pipe.label_dim == 0:
+            raise CLIError("--class given, but the models are unconditional")
+        return None
     if args.class_idx != SEED_MOD:
         return None if pipe is None else class_labels(args, pipe, n)
     if seeds is None:
@@ -373,7 +392,7 @@ def run(args) -> int:
         disable=True if args.quiet else None)
     try:
         for j, high, low in batches:
-            for name, img in zip(names[j:], post(to_uint8(high))):
+            for name, img in zip(names[j:], post(high)):
                 save_png(img, os.path.join(out, name))
             if args.save_low:
                 for name, img in zip(names[j:], to_uint8(low)):

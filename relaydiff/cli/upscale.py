@@ -43,7 +43,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from relaydiff.images import from_uint8, list_images, load_image, save_png, to_uint8
+    from relaydiff.images import from_uint8, list_images, load_image, save_png
 
     if args.seeds is not None and args.seed is not None:
         raise CLIError("--seeds gives every input image its seed; it replaces --seed")
@@ -86,7 +86,7 @@ def run(args) -> int:
     high = pipe.super_resolve(low, labels, steps=steps, seed=None if seeds is not None else seed, seeds=seeds,
                               batch_size=batch, disable=True if args.quiet else None)
     os.makedirs(args.out, exist_ok=True)
-    for stem, img in zip(stems, post(to_uint8(high))):
+    for stem, img in zip(stems, post(high)):
         save_png(img, os.path.join(args.out, f"{stem}.png"))
     if not args.quiet:
         print(f"wrote {len(paths)} images of {high.shape[-1]}px to {args.out} "

@@ -96,17 +96,33 @@ class RelaySampling:
                     churn_max=self.churn_max, churn_noise=self.churn_noise)
 
 
+# the classes a class-conditional pipeline gives images when the caller names none:
+# "random" (drawn from the seed) or "seed-mod" (the image of per-image seed s gets s % label_dim)
+LABEL_MODES = ("random", "seed-mod")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerPreset:
-    """Settings of both stages; a relay stage of a longer cascade uses ``relay`` too."""
+    """Settings of both stages; a relay stage of a longer cascade uses ``relay`` too.
+
+    ``labels``: the classes of a class-conditional pipeline when ``class_labels`` is not given.
+    ``"random"``: drawn from the seed. ``"seed-mod"``: with per-image seeds (``seeds=``), the
+    image of seed ``s`` gets class ``s % label_dim``, as the authors' generate scripts
+    (:func:`relaydiff.sampling.authors_class_labels`); with one batch seed there are no
+    per-image seeds and the classes are random as with ``"random"``."""
     stage1: EDMSampling = EDMSampling()
     relay: RelaySampling = RelaySampling()
+    labels: str = "random"
+
+    def __post_init__(self):
+        if self.labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {LABEL_MODES}; got {self.labels!r}")
 
     def with_steps(self, stage1: int | None = None, relay: int | None = None) -> "SamplerPreset":
         """A copy with other grid sizes (``None`` keeps a stage's)."""
         s1 = self.stage1 if stage1 is None else dataclasses.replace(self.stage1, steps=stage1)
         rl = self.relay if relay is None else dataclasses.replace(self.relay, steps=relay)
-        return SamplerPreset(s1, rl)
+        return dataclasses.replace(self, stage1=s1, relay=rl)
 
 
 PRESETS: dict[str, SamplerPreset] = {
@@ -135,17 +151,21 @@ PRESETS: dict[str, SamplerPreset] = {
     # grids; CelebA-HQ's stage 1 is their SDE sampler (sde_scale 0.05) and its relay sampler's
     # churn is off as in their script. Mixed noise without normalization, alpha, block size
     # and blur come from the relay checkpoint's RelayConfig (a converted release has
-    # normalize_noise=False). Their images were also post-processed before their FIDs
-    # (AUTHORS_ENHANCE in relaydiff.images; docs/sampling.md).
+    # normalize_noise=False). Their class labels: the image of seed s gets class s % label_dim
+    # (labels="seed-mod", with per-image seeds). Their images were also quantized as
+    # floor(127.5 x + 128) and post-processed before their FIDs (authors_postprocess in
+    # relaydiff.images, opt-in; docs/sampling.md).
     "authors-imagenet256": SamplerPreset(
         EDMSampling(steps=256, sigma_min=0.002, sigma_max=80.0, rho=7.0, s_churn=40.0, s_min=0.05,
                     s_max=50.0, s_noise=1.003),
         RelaySampling(steps=200, sigma_min=0.008, sigma_max=80.0, rho=100.0, sigma_cut=0.9, s_noise=0.2,
-                      cfg=3.5, fresh_correction_noise=True, t_truncation=0.93, heun_last_level=True)),
+                      cfg=3.5, fresh_correction_noise=True, t_truncation=0.93, heun_last_level=True),
+        labels="seed-mod"),
     "authors-celebahq256": SamplerPreset(
         EDMSampling(steps=120, sigma_min=0.002, sigma_max=80.0, rho=7.0, sde_scale=0.05),
         RelaySampling(steps=150, sigma_min=0.008, sigma_max=80.0, rho=7.0, sigma_cut=0.95, s_noise=0.2,
-                      fresh_correction_noise=True, t_truncation=1.05, heun_last_level=True)),
+                      fresh_correction_noise=True, t_truncation=1.05, heun_last_level=True),
+        labels="seed-mod"),
 }
 
 
