@@ -401,7 +401,13 @@ def test_evaluate_with_a_stand_in_network(tmp_path):
     other = evaluate(tmp_path / "a", tmp_path / "b", metrics=["fid", "pr"], inception=net, progress=False)
     assert other["fid"] > 1e-3
     with pytest.raises(ValueError, match="unknown metrics"):
-        evaluate(tmp_path / "a", tmp_path / "b", metrics=["kid"], inception=net)
+        evaluate(tmp_path / "a", tmp_path / "b", metrics=["lpips"], inception=net)
+    # KID (opt-in): the closed-form unbiased MMD^2 of the two sets' pool features
+    from relaydiff.metrics import compute_stats, polynomial_mmd2
+    got = evaluate(tmp_path / "a", tmp_path / "b", metrics=["kid"], inception=net, progress=False)
+    fa, fb = (compute_stats(tmp_path / d, net, progress=False).pool for d in "ab")
+    assert set(got) == {"n_images", "n_ref", "kid"}
+    assert got["kid"] == pytest.approx(polynomial_mmd2(fb, fa), rel=1e-9)   # 40 < 1000: the whole sets, once
     with pytest.raises(ValueError, match="'is' needs the Inception classifier"):
         evaluate(tmp_path / "a", None, metrics=["is"], inception=TinyExtractor(classifier=False))
     np.savez(tmp_path / "mu_only.npz", mu=np.zeros(8), sigma=np.eye(8))
@@ -471,8 +477,8 @@ def test_cli_missing_weights_names_flag_and_extra(tmp_path, capsys, monkeypatch)
 def test_cli_user_errors(tmp_path, capsys):
     _write_pngs(tmp_path / "a", _smooth_images(3, 16, seed=9))
     a = str(tmp_path / "a")
-    assert main(["eval", "--images", a, "--metrics", "fid,kid"]) == 2
-    _one_line_error(capsys, "--metrics", "kid")
+    assert main(["eval", "--images", a, "--metrics", "fid,lpips"]) == 2
+    _one_line_error(capsys, "--metrics", "lpips")
     assert main(["eval", "--images", str(tmp_path / "missing")]) == 2
     _one_line_error(capsys, "--images")
     assert main(["eval", "--images", a, "--ref", a, "--metrics", "fid", "--inception", str(tmp_path / "w.pt")]) == 2

@@ -7,7 +7,7 @@ import os
 
 from .common import CLIError, add_image_limit, apply_image_limit, one_line, pick_device
 
-_METRIC_HELP = ("comma-separated: fid, sfid, is, pr (precision/recall, k=3), swd, psnr, ssim; "
+_METRIC_HELP = ("comma-separated: fid, sfid, kid, is, pr (precision/recall, k=3), swd, psnr, ssim; "
                 "'auto' = fid with --ref (plus sfid and pr where the reference allows them), plus is when "
                 "the network has a classifier")
 

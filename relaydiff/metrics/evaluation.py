@@ -1,10 +1,10 @@
 """``evaluate``: every metric of a generated image set against a reference, in one call
 (what ``relaydiff eval`` runs).
 
-Metrics: ``fid``, ``sfid``, ``is`` (Inception Score), ``pr`` (precision and recall, k = 3)
-need the Inception network; ``swd``, ``psnr``, ``ssim`` need no weights. The reference is a
+Metrics: ``fid``, ``sfid``, ``kid`` (:func:`~relaydiff.metrics.kid`), ``is`` (Inception
+Score), ``pr`` (precision and recall, k = 3) need the Inception network; ``swd``, ``psnr``, ``ssim`` need no weights. The reference is a
 folder/.zip/.npz of images or a statistics ``.npz`` (``mu``/``sigma``, optionally
-``mu_s``/``sigma_s`` for sFID and ``pool`` features for precision/recall).
+``mu_s``/``sigma_s`` for sFID and ``pool`` features for KID and precision/recall).
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from .frechet import FeatureStats, frechet_distance, load_stats
 from .image_quality import psnr, ssim
 from .images import FolderSource, ImageSource, ZipSource, npz_keys, open_images
 from .inception import load_inception
+from .kid import kid
 from .manifold import inception_score, precision_recall
 from .swd import swd
 
-METRICS = ("fid", "sfid", "is", "pr", "swd", "psnr", "ssim")
-NETWORK_METRICS = ("fid", "sfid", "is", "pr")
+METRICS = ("fid", "sfid", "kid", "is", "pr", "swd", "psnr", "ssim")
+NETWORK_METRICS = ("fid", "sfid", "kid", "is", "pr")
 SWD_MAX_IMAGES = 4096
 
 
@@ -68,7 +69,7 @@ def _default_metrics(ref: Reference, outputs) -> list[str]:
 
 def _check_reference(metrics, ref: Reference) -> None:
     for m in metrics:
-        if m in ("fid", "sfid", "pr", "swd", "psnr", "ssim") and not ref:
+        if m in ("fid", "sfid", "kid", "pr", "swd", "psnr", "ssim") and not ref:
             raise ValueError(f"metric {m!r} needs a reference: pass ref (CLI: --ref)")
         if m in ("swd", "psnr", "ssim") and ref.source is None:
             raise ValueError(f"metric {m!r} needs reference images (a folder, .zip or .npz with 'arr_0'), "
@@ -76,8 +77,8 @@ def _check_reference(metrics, ref: Reference) -> None:
         if ref.source is None and ref.stats is not None:
             if m == "sfid" and ref.stats.mu_s is None:
                 raise ValueError("metric 'sfid' needs 'mu_s'/'sigma_s' in the reference statistics file")
-            if m == "pr" and ref.stats.pool is None:
-                raise ValueError("metric 'pr' needs reference features: pass reference images or a cache "
+            if m in ("pr", "kid") and ref.stats.pool is None:
+                raise ValueError(f"metric {m!r} needs reference features: pass reference images or a cache "
                                  "file with 'pool' features (mu/sigma alone are not enough)")
 
 
@@ -119,7 +120,7 @@ def _paired_quality(gen: ImageSource, ref: ImageSource, batch_size: int, which: 
 def _reference_stats(reference: Reference, metrics, extractor, kw) -> FeatureStats | None:
     """The reference's statistics: from its file where it has them (an ADM reference batch's
     ``mu``/``sigma`` are used as published), from its images for what the file lacks."""
-    wanted = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s"), "pr": ("pool",)}
+    wanted = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s"), "pr": ("pool",), "kid": ("pool",)}
     fields = [f for m in metrics for f in wanted.get(m, ())]
     if not fields:
         return None
@@ -142,8 +143,8 @@ def evaluate(images, ref=None, metrics=None, *, inception=None, batch_size: int 
     ``metrics``: names from :data:`METRICS`; None picks ``fid`` and, where the reference
     allows, ``sfid`` and ``pr`` (with a reference), plus ``is`` when the network has a classifier. ``inception``: a weights path, a loaded
     extractor, or None for the installed default (:func:`load_inception`). ``cache_dir``:
-    where feature statistics are cached (None: no cache). Returns a flat dict: ``fid``,
-    ``sfid``, ``is``/``is_std``, ``precision``/``recall``, ``swd_<size>``/``swd_mean``,
+    where feature statistics are cached (None: no cache). ``seed``: SWD's projections and
+    KID's subsets. Returns a flat dict: ``fid``, ``sfid``, ``kid``, ``is``/``is_std``, ``precision``/``recall``, ``swd_<size>``/``swd_mean``,
     ``psnr`` (dB), ``ssim``, and ``n_images``/``n_ref``."""
     gen = open_images(images, "images")
     reference = Reference(ref)
@@ -178,6 +179,8 @@ def evaluate(images, ref=None, metrics=None, *, inception=None, batch_size: int 
             out["fid"] = frechet_distance(g.mu, g.sigma, r.mu, r.sigma)
         if "sfid" in metrics:
             out["sfid"] = frechet_distance(g.mu_s, g.sigma_s, r.mu_s, r.sigma_s)
+        if "kid" in metrics:
+            out["kid"] = kid(r.pool, g.pool, seed=seed)
         if "pr" in metrics:
             out["precision"], out["recall"] = precision_recall(r.pool, g.pool, k=3, device=device)
         if "is" in metrics:
