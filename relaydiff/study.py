@@ -10,7 +10,7 @@ the same data and evaluated the same way:
   scored on the same stage-1 samples (a paired comparison);
 * ``scratch`` / ``scratch-block``: one 64 px EDM model, the whole budget.
 
-Per (arm, seed): generation (64 px samples vs the held-out 64 px images: SWD, FID with
+Per (arm, seed): generation (64 px samples vs the held-out 64 px images: SWD, FID and KID with
 ``inception``), super-resolution of the held-out images' 4x box-downsamples for the arms with
 a second stage (PSNR/SSIM/consistency/hf_psd/SWD, :func:`relaydiff.demo.superres_scores`),
 denoiser calls per image at 64 px and 16 px, and sampling seconds per image. The 64 px stage
@@ -40,7 +40,8 @@ from relaydiff.config import NoiseConfig, RelayConfig
 from relaydiff.demo import BASE_SHARE, LOW, PATCH, TILE, build_data, load_heldout, superres_scores
 from relaydiff.images import from_uint8, load_image, list_images, to_uint8
 
-VERSION = 2                  # 2: metric-vs-training-time curves
+VERSION = 3                  # 2: metric-vs-training-time curves; 3: KID, exact small-set FID, SR SWD over
+                             # every neighbourhood (relaydiff.demo.superres_scores)
 PRESET = "tiny"              # the network of every arm (tiny-relay has the same network)
 BATCH = 16                   # images per optimizer step, every stage of every arm
 CROP = 32                    # second stages (relay, cdm) train on 32 px crops of the 64 px images
@@ -94,7 +95,7 @@ class StudyConfig:
     data: str | None = None              # training images (folder or zip); None: the demo's
     heldout: str | None = None           # folder of 64 px held-out images (required with data)
     n_heldout: int | None = None         # demo data only (default N_HELDOUT; smoke SMOKE)
-    inception: str | None = None         # Inception weights: adds FID
+    inception: str | None = None         # Inception weights: adds FID and KID
     device: str | None = None
     quiet: bool = False
 
@@ -377,19 +378,70 @@ def _curve_scores(gen, sr, truth) -> dict:
 
 # ------------------------------------------------------------------------------ scoring
 
+def _t_abs_cdf(t: float, df: int) -> float:
+    """``P(|T| < t)`` for Student's t with integer ``df`` and ``t >= 0``: the finite sums of
+    Abramowitz & Stegun 26.7.3-4 in ``theta = atan(t / sqrt(df))`` (positive terms, no
+    cancellation)."""
+    theta = math.atan(t / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2 == 0:                  # sin(theta) (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ... up to c^(df-2))
+        term = total = 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return s * total
+    if df == 1:
+        return 2.0 * theta / math.pi
+    term = total = 1.0               # (2/pi)(theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ... up to c^(df-3)))
+    for k in range(1, (df - 1) // 2):
+        term *= c2 * (2 * k) / (2 * k + 1)
+        total += term
+    return 2.0 / math.pi * (theta + s * math.cos(theta) * total)
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The ``q`` quantile of Student's t with integer ``df >= 1`` degrees of freedom, without
+    scipy: closed forms for ``df`` 1 and 2, otherwise Newton's method on :func:`_t_abs_cdf`
+    from the normal quantile (a lower bound for ``q > 1/2``; the CDF is concave there, so the
+    iterates rise monotonically to the root). Agrees with ``scipy.stats.t.ppf`` to ~1e-13."""
+    if isinstance(df, bool) or not isinstance(df, (int, np.integer)) or df < 1:
+        raise ValueError(f"df must be an integer >= 1; got {df!r}")
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q must be in (0, 1); got {q!r}")
+    if q < 0.5:
+        return -t_quantile(1.0 - q, df)
+    if q == 0.5:
+        return 0.0
+    if df == 1:
+        return math.tan(math.pi * (q - 0.5))
+    if df == 2:
+        return (2.0 * q - 1.0) / math.sqrt(2.0 * q * (1.0 - q))
+    from statistics import NormalDist
+    df = int(df)
+    target = 2.0 * q - 1.0           # P(|T| < t)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    t = NormalDist().inv_cdf(q)
+    for _ in range(100):
+        pdf = math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+        step = (target - _t_abs_cdf(t, df)) / (2.0 * pdf)
+        t += step
+        if abs(step) <= 1e-15 * t:
+            break
+    return t
+
+
 def t_interval(values: list[float]) -> dict:
     """Mean and the half-width of the 95% t interval (``None`` for one value)."""
     v = np.asarray(values, dtype=np.float64)
     mean = float(v.mean())
     if v.size < 2:
         return {"mean": mean, "half": None, "n": int(v.size)}
-    from scipy.stats import t
-    half = float(t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    half = float(t_quantile(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
     return {"mean": mean, "half": half, "n": int(v.size)}
 
 
 METRICS = [   # (key, column title, lower is better)
-    ("gen_swd", "gen SWD", True), ("gen_fid", "gen FID", True),
+    ("gen_swd", "gen SWD", True), ("gen_fid", "gen FID", True), ("gen_kid", "gen KID", True),
     ("sr_psnr", "SR PSNR dB", False), ("sr_ssim", "SR SSIM", False), ("sr_consistency", "SR consist. dB", False),
     ("sr_hf_psd", "SR hf", True), ("sr_swd", "SR SWD", True),
     ("nfe_64", "NFE 64px", True), ("nfe_16", "NFE 16px", True), ("s_per_image", "s/img", True),
@@ -397,12 +449,36 @@ METRICS = [   # (key, column title, lower is better)
 ]
 
 
-def _score(gen, sr, truth, extractor) -> dict:
+def _fid(ref, gen) -> float:
+    """FID of two :class:`~relaydiff.metrics.FeatureStats` (their ``pool`` features ``[N, D]``).
+    With fewer images than feature dimensions (the study's case: 32 images, 2048-d features)
+    the covariances are singular and ``tr sqrt(S1 S2)`` is computed exactly as the nuclear norm
+    ``||A B^T||_* / sqrt((N1 - 1)(N2 - 1))`` of the centred features ``A``, ``B``: milliseconds,
+    where :func:`~relaydiff.metrics.frechet_distance` takes 2048 x 2048 matrix square roots
+    (~30 s on 2 CPU cores) and adds ``1e-6 I`` to the covariances when their product is too
+    singular. Otherwise :func:`~relaydiff.metrics.frechet_distance` of the Gaussian statistics."""
+    from relaydiff.metrics import frechet_distance
+    x, y = np.asarray(ref.pool, np.float64), np.asarray(gen.pool, np.float64)
+    if max(len(x), len(y)) >= x.shape[1]:
+        return frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
+    a, b = x - x.mean(0), y - y.mean(0)
+    tr_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum() / math.sqrt((len(x) - 1) * (len(y) - 1))
+    diff = x.mean(0) - y.mean(0)
+    return float(diff @ diff + (a * a).sum() / (len(x) - 1) + (b * b).sum() / (len(y) - 1) - 2.0 * tr_sqrt)
+
+
+def _score(gen, sr, truth, extractor=None, ref=None, device=None) -> dict:
+    """The final scores of an (arm, seed); FID and KID with ``extractor`` (``ref``: the
+    held-out images' :func:`~relaydiff.metrics.compute_stats` through it, computed when None)."""
     from relaydiff.metrics import swd
     out = {"gen_swd": swd(gen, truth)["swd_mean"]}
     if extractor is not None:
-        from relaydiff.metrics import evaluate
-        out["gen_fid"] = evaluate(gen, truth, ["fid"], inception=extractor, progress=False)["fid"]
+        from relaydiff.metrics import compute_stats, kid
+        if ref is None:
+            ref = compute_stats(truth, extractor, device=device, progress=False)
+        g = compute_stats(gen, extractor, device=device, progress=False)
+        out["gen_fid"] = _fid(ref, g)
+        out["gen_kid"] = kid(ref.pool, g.pool)
     if sr is not None:
         s = superres_scores({"x": sr}, truth)["x"]
         out.update(sr_psnr=float(s["psnr"].mean()), sr_ssim=float(s["ssim"].mean()),
@@ -443,7 +519,7 @@ def curve_summary(results: dict, arms, seeds) -> dict:
     return curves
 
 
-PAIRED = ("gen_swd", "gen_fid", "sr_psnr", "sr_ssim", "sr_hf_psd", "sr_swd")
+PAIRED = ("gen_swd", "gen_fid", "gen_kid", "sr_psnr", "sr_ssim", "sr_hf_psd", "sr_swd")
 
 
 def paired_differences(results: dict, arms, seeds, reference: str) -> dict:
@@ -490,8 +566,8 @@ def paired_table(paired: dict, reference: str) -> str:
 def _fmt(v: dict | None, key: str) -> str:
     if v is None:
         return "n/a"
-    digits = 0 if key in ("nfe_64", "nfe_16", "train_steps", "train_s") else 3 if key in ("sr_ssim", "sr_hf_psd",
-                                                                                          "s_per_image") else 2
+    digits = 0 if key in ("nfe_64", "nfe_16", "train_steps", "train_s") else 4 if key == "gen_kid" else \
+        3 if key in ("sr_ssim", "sr_hf_psd", "s_per_image") else 2
     text = f"{v['mean']:.{digits}f}"
     return text if v["half"] is None else f"{text} ± {v['half']:.{digits}f}"
 
@@ -525,7 +601,8 @@ def _plots(out: pathlib.Path, state: dict, arms, seeds) -> list[str]:
     """metrics.png (each metric per arm, mean and 95% interval), loss.png (training loss of the
     64 px stage vs its training seconds), samples.png and superres.png (arms side by side), the
     last two and the loss curves from the first seed whose images are still on disk (none
-    written when no seed's are). Without matplotlib only the sheets are written."""
+    written when no seed's are). Without matplotlib only the sheets are written (and a
+    notice goes to stderr)."""
     from relaydiff.demo import _sheet
     from relaydiff.images import save_png
     written = []
@@ -551,9 +628,12 @@ def _plots(out: pathlib.Path, state: dict, arms, seeds) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("relaydiff study: no metrics.png, loss.png, curves.png: matplotlib is not installed "
+              "(pip install 'relaydiff[demo]')", file=sys.stderr)
         return written
     summary = state["summary"]
-    keys = [(k, t) for k, t, _ in METRICS[:7] if any(k in s for s in summary.values())]
+    keys = [(k, t) for k, t, _ in METRICS
+            if k.startswith(("gen_", "sr_")) and any(k in s for s in summary.values())]
     if keys:
         fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
         for ax, (k, title) in zip(axes[0], keys):
@@ -657,12 +737,19 @@ def run_study(cfg: StudyConfig) -> dict:
     from relaydiff.pipeline import load_stage
     from relaydiff.sampling import nearest_upsample
     cfg.validate()
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    extractor = None
+    if cfg.inception is not None:    # before anything is written: a bad path leaves no study behind
+        from relaydiff.metrics import MissingWeightsError, load_inception
+        try:
+            extractor = load_inception(cfg.inception, device=device)
+        except (ValueError, MissingWeightsError) as e:
+            raise StudyError(str(e)) from None
     out = pathlib.Path(cfg.out)
     state = _open_state(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     _save_state(out, state)
     say = (lambda m: None) if cfg.quiet else (lambda m: print(m, flush=True))
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     if cfg.data is None:
         data = str(out / "data" / "train.zip")
@@ -691,10 +778,10 @@ def run_study(cfg: StudyConfig) -> dict:
         "nearest": nearest_upsample(low_truth[:k], PATCH),
         "bicubic": F.interpolate(low_truth[:k], scale_factor=PATCH, mode="bicubic", align_corners=False).clamp(-1, 1)},
         truth[:k]).items()}
-    extractor = None
-    if cfg.inception is not None:
-        from relaydiff.metrics import load_inception
-        extractor = load_inception(cfg.inception, device=device)
+    ref_stats = None
+    if extractor is not None:
+        from relaydiff.metrics import compute_stats
+        ref_stats = compute_stats(truth, extractor, device=device, progress=False)
     n = truth.shape[0]
     s1_steps = SMOKE["stage1_steps"] if cfg.smoke else EDM_STEPS
 
@@ -741,8 +828,8 @@ def run_study(cfg: StudyConfig) -> dict:
         curve.append({"step": tr["steps"], "seconds": offset + tr["train_s"],
                       **_curve_scores(gen[:k], None if sr is None else sr[:k], truth[:k])})
         rec["curve"] = curve
-        rec.update(_score(gen, sr, truth, extractor), nfe_64=nfe64, train_steps=tr["steps"], train_s=tr["train_s"],
-                   kimg=tr["kimg"], run=tr["run"])
+        rec.update(_score(gen, sr, truth, extractor, ref_stats, device), nfe_64=nfe64, train_steps=tr["steps"],
+                   train_s=tr["train_s"], kimg=tr["kimg"], run=tr["run"])
         pack = {"gen": to_uint8(gen)}
         if sr is not None:
             pack.update(sr=to_uint8(sr), input=to_uint8(nearest_upsample(low_truth, PATCH)), truth=to_uint8(truth))

@@ -7,8 +7,9 @@ per arm on the demo's photos (or --data/--heldout), several seeds each, and writ
     relaydiff study --smoke --seeds 1                 # seconds: 2 optimizer steps per stage (CI)
 
 Writes OUT/study.json (settings, every (arm, seed) result, mean and 95% t interval per metric),
-study.md (the table), metrics.png, loss.png, samples.png and superres.png (arms side by side),
-and the training runs under OUT/runs/. Rerunning into the same OUT with the same settings
+study.md (the table), samples.png and superres.png (arms side by side), metrics.png, loss.png
+and curves.png (these three need matplotlib: pip install 'relaydiff[demo]'), and the training
+runs under OUT/runs/. Rerunning into the same OUT with the same settings
 skips the (arm, seed) results already recorded. See docs/study.md.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def add_parser(subparsers):
     p.add_argument("--data", metavar="DIR_OR_ZIP", help="training images (default: build the demo's data in OUT/data)")
     p.add_argument("--heldout", metavar="DIR", help="folder of 64x64 held-out images (required with --data)")
     p.add_argument("--n-heldout", metavar="N", help="held-out tiles of the demo's data (default 32)")
-    p.add_argument("--inception", metavar="PATH", help="Inception weights (as for relaydiff eval): adds FID")
+    p.add_argument("--inception", metavar="PATH", help="Inception weights (as for relaydiff eval): adds FID and KID")
     p.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bars; print only the table")
     return p
