@@ -49,6 +49,9 @@ SPECIAL = [0.0, -0.0, 1e-3, 0.3, 1.0, 2.5, 80.0, 1e15, -1.0, 5e-324, 1e-300, 1e1
            math.nan, math.inf, -math.inf]
 # Bounded for CI (the whole module: about a minute on 2 cores). The examples are the same on
 # every run unless RELAYDIFF_FUZZ_RANDOM=1 (then raise RELAYDIFF_FUZZ_EXAMPLES for a long hunt).
+# The device a case's "cpu" tensors are made on: RELAYDIFF_FUZZ_DEVICE=cuda runs the same
+# cases through the CUDA kernels (test_fuzz_on_cuda below does, in a child pytest).
+FUZZ_DEVICE = os.environ.get("RELAYDIFF_FUZZ_DEVICE", "cpu")
 FUZZ = settings(max_examples=int(os.environ.get("RELAYDIFF_FUZZ_EXAMPLES", "80")), deadline=None,
                 suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate],
                 derandomize=os.environ.get("RELAYDIFF_FUZZ_RANDOM", "0") == "0", database=None)
@@ -70,7 +73,8 @@ def _tensor(spec: dict) -> torch.Tensor:
         t = t[..., ::2]
     elif layout == "channels_last" and t.dim() == 4:
         t = t.to(memory_format=torch.channels_last)
-    return t.to(spec.get("device", "cpu"))
+    device = spec.get("device", "cpu")
+    return t.to(FUZZ_DEVICE if device == "cpu" else device)
 
 
 @st.composite
@@ -112,9 +116,9 @@ def per_sample_values(batch: int):
         odds=3)
 
 
-def _value(v, device="cpu"):
+def _value(v, device=None):
     if isinstance(v, dict) and "values" in v:
-        return torch.tensor(v["values"], dtype=getattr(torch, v["dtype"]), device=device)
+        return torch.tensor(v["values"], dtype=getattr(torch, v["dtype"]), device=device or FUZZ_DEVICE)
     if isinstance(v, dict):
         return _tensor(v)
     return v
@@ -318,6 +322,19 @@ def test_direct_op_calls_never_crash_and_refuse_cleanly_or_match_the_twin(batch,
     assert len(done) == len(batch)
     # not a suite that passes by refusing everything: a good share reach a kernel and match
     assert sum(1 for r in done if r.get("match")) >= len(batch) // 10, [r for r in done if "raised" in r][:5]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fuzz_on_cuda():
+    """The two op fuzzers above with every "cpu" tensor of a case on the GPU (the CUDA kernels
+    against the twin on the GPU), in a child pytest so that a crash cannot take this run down."""
+    env = dict(os.environ, RELAYDIFF_FUZZ_DEVICE="cuda")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "public_ops_refuse or direct_op_calls_never_crash"],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]
 
 
 # ============================================================================ command line
