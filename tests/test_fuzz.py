@@ -35,6 +35,7 @@ from PIL import Image
 from relaydiff.cli import main
 from relaydiff.config import RelayConfig
 from relaydiff.models import build_model, network_kwargs, save_weights
+from test_hardening import _npy, _npz   # .npy / .npz builders (tests/ is on sys.path under pytest)
 
 
 # ============================================================================ the ops
@@ -400,30 +401,6 @@ def _zip(root: pathlib.Path, name: str, files: dict[str, bytes], corrupt: str | 
     return str(path)
 
 
-def _npz(root: pathlib.Path, name: str, arrays: dict[str, bytes], corrupt: str | None = None) -> str:
-    """A stored ``.npz`` of ``.npy`` bytes; ``corrupt`` names a member whose last byte is flipped (bad CRC)."""
-    path = root / name
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in arrays.items():
-            z.writestr(n + ".npy", data)
-    if corrupt is not None:
-        raw = bytearray(path.read_bytes())
-        raw[raw.index(arrays[corrupt]) + len(arrays[corrupt]) - 1] ^= 0xFF
-        path.write_bytes(bytes(raw))
-    return str(path)
-
-
-def _npy(arr=None, shape=None) -> bytes:
-    """``arr`` as .npy bytes, or a float64 header declaring ``shape`` over 64 bytes of data."""
-    buf = __import__("io").BytesIO()
-    if arr is not None:
-        np.save(buf, arr)
-    else:
-        np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": shape})
-        buf.write(bytes(64))
-    return buf.getvalue()
-
-
 def _weights(path: pathlib.Path, stage: str, res: int, **network_overrides) -> str:
     net = network_kwargs("tiny", res)
     torch.manual_seed(0)
@@ -449,10 +426,11 @@ def inputs(tmp_path_factory):
     f["zip_corrupt"] = _zip(root, "corrupt.zip", good, corrupt="2.png")
     f["zip_big"] = _zip(root, "big.zip", {**good, "big.png": _png_bytes((200, 200))})   # with a 1000-pixel cap
     mu, sigma = _npy(np.zeros(4)), _npy(np.eye(4))
-    f["stats_corrupt"] = _npz(root, "stats_corrupt.npz", {"mu": mu, "sigma": sigma}, corrupt="sigma")
-    f["stats_huge"] = _npz(root, "stats_huge.npz", {"mu": _npy(shape=(10 ** 11,)), "sigma": sigma})   # 745 GiB
+    f["stats_corrupt"] = _npz(root / "stats_corrupt.npz", {"mu": mu, "sigma": sigma}, flip="sigma")
+    f["stats_huge"] = _npz(root / "stats_huge.npz", {"mu": _npy(header={"descr": "<f8", "shape": (10 ** 11,)},
+                                                               data=bytes(64)), "sigma": sigma})   # 745 GiB
     pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)   # 12 KiB: read in chunks
-    f["npz_corrupt"] = _npz(root, "npz_corrupt.npz", {"arr_0": _npy(pixels)}, corrupt="arr_0")
+    f["npz_corrupt"] = _npz(root / "npz_corrupt.npz", {"arr_0": _npy(pixels)}, flip="arr_0")
     f["base"] = _weights(root / "base.safetensors", "base", 8)
     f["relay"] = _weights(root / "relay.safetensors", "relay", 32)
     f["inflated"] = _weights(root / "inflated.safetensors", "base", 8, model_channels=512)
