@@ -587,9 +587,10 @@ def _damage(blob: bytes, edits) -> bytes:
 @pytest.mark.parametrize("fmt", ["safetensors", "zip", "legacy", "script"])
 @settings(FUZZ, max_examples=int(os.environ.get("RELAYDIFF_FUZZ_FILES", "15")))
 @given(data=st.data())
-def test_damaged_files_fail_cleanly_in_every_loader(fmt, weight_files, data, tmp_path_factory):
+def test_damaged_files_fail_cleanly_in_every_loader(fmt, weight_files, data, tmp_path_factory, capsys):
     """Every loader of a user-named file (load_model, convert, the Inception reader) either
-    reads a damaged file or refuses it with a clean error: no other exception type, no hang."""
+    reads a damaged file or refuses it with a clean error: no other exception type, no hang;
+    ``relaydiff convert`` and ``relaydiff sample`` end with one line and status 2."""
     from relaydiff.metrics import load_inception
     from relaydiff.models import convert_release, load_model
     blob = _damage(weight_files[fmt], data.draw(mutations(len(weight_files[fmt]))))
@@ -600,6 +601,18 @@ def test_damaged_files_fail_cleanly_in_every_loader(fmt, weight_files, data, tmp
             load(path)
         except FILE_ERRORS as e:
             assert str(e), type(e)
+    # the same file through the command line: converted or refused in one line with status 2,
+    # and sample refuses it as a relay stage (or as a stage 1) before sampling anything
+    out = path.parent / "out"
+    for argv in (["convert", str(path), str(out / "w.safetensors"), "--stage", "base", "--quiet"],
+                 ["sample", "--stage1", str(path), "--stage2", str(path), "--out", str(out / "s"), "--n", "1",
+                  "--device", "cpu", "--quiet"]):
+        capsys.readouterr()
+        rc = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "Traceback" not in err[0] or rc == 0 and argv[0] == "convert", \
+            (argv[0], rc, err[-5:])
+    assert not (out / "s").exists()
 
 
 def _nested_pickle(depth: int, opener: bytes, closer: bytes) -> bytes:
