@@ -2,6 +2,7 @@
 no trust in names a run directory holds; and no silent data loss in image decoding."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -22,6 +23,19 @@ from relaydiff.models.checkpoint import atomic_write, read_latest
 from relaydiff.models.presets import build_model
 from relaydiff.models.safe_pickle import open_checkpoint
 
+
+
+@contextlib.contextmanager
+def traced_peak():
+    """The peak of what Python allocated inside the block (``tracemalloc``), in ``mem["peak"]``
+    once the block has ended (also when it raised)."""
+    mem = {}
+    tracemalloc.start()
+    try:
+        yield mem
+    finally:
+        mem["peak"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
 
 def _meta_only(*args, **kwargs):
     model = build_model(*args, **kwargs)
@@ -74,27 +88,18 @@ def test_zip_member_size_is_checked_before_it_is_inflated(tmp_path):
             else:
                 dst.writestr(info, src.read(info))
     assert bomb.stat().st_size < 1 << 20
-    tracemalloc.start()
-    try:
-        with open_checkpoint(bomb) as (_, top), pytest.raises(Exception, match="67108864 bytes, 64 expected"):
-            top["w"].load()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 8 << 20, peak
+    with traced_peak() as mem, open_checkpoint(bomb) as (_, top), \
+            pytest.raises(Exception, match="67108864 bytes, 64 expected"):
+        top["w"].load()
+    assert mem["peak"] < 8 << 20, mem
 
 
 def test_a_view_reads_only_its_span_of_the_storage(tmp_path):
     big = torch.arange(1 << 20, dtype=torch.float32)
     torch.save({"v": big[1000:1008:2]}, tmp_path / "v.pt")   # torch.save keeps the whole 4 MiB storage
-    tracemalloc.start()
-    try:
-        with open_checkpoint(tmp_path / "v.pt") as (_, top):
-            v = top["v"].load()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert torch.equal(v, big[1000:1008:2]) and peak < 1 << 20, peak
+    with traced_peak() as mem, open_checkpoint(tmp_path / "v.pt") as (_, top):
+        v = top["v"].load()
+    assert torch.equal(v, big[1000:1008:2]) and mem["peak"] < 1 << 20, mem
 
 
 def _replace_member(src: pathlib.Path, dst: pathlib.Path, suffix: str, data: bytes) -> None:
@@ -136,14 +141,10 @@ def test_pickle_member_size_is_checked_before_it_is_inflated(tmp_path):
     assert bomb.stat().st_size < 1 << 20
     for load in (lambda p: open_checkpoint(p).__enter__(), lambda p: convert_release(p, stage="base"),
                  load_inception):
-        tracemalloc.start()
-        try:
-            with pytest.raises(Exception, match=f"data.pkl declares {n + 12} bytes inflated, more than the {n}"):
-                load(bomb)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        assert peak < 8 << 20, peak
+        with traced_peak() as mem, \
+                pytest.raises(Exception, match=f"data.pkl declares {n + 12} bytes inflated, more than the {n}"):
+            load(bomb)
+        assert mem["peak"] < 8 << 20, mem
 
 
 def test_resume_checks_the_state_files_zip_directory_before_torch_load(tmp_path, monkeypatch):
@@ -225,14 +226,10 @@ def test_stats_npz_corrupt_or_declaring_too_much_is_a_value_error(tmp_path):
     for name, shape in (("huge", (10 ** 11,)), ("big", (8 << 20,))):   # 745 GiB; 64 MiB
         path = _npz(tmp_path / f"{name}.npz", {"mu": _npy(header={"shape": shape, "descr": "<f8"}, data=bytes(64)),
                                                "sigma": _npy(sigma)})
-        tracemalloc.start()
-        try:
-            with pytest.raises(ValueError, match=rf"{name}\.npz.*declares a float64 array of shape \[{shape[0]}\]"):
-                load_stats(path)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        assert peak < 8 << 20, peak
+        with traced_peak() as mem, \
+                pytest.raises(ValueError, match=rf"{name}\.npz.*declares a float64 array of shape \[{shape[0]}\]"):
+            load_stats(path)
+        assert mem["peak"] < 8 << 20, mem
     odd_n = _npz(tmp_path / "odd_n.npz", {"mu": _npy(mu), "sigma": _npy(sigma), "n": _npy(np.arange(3))})
     with pytest.raises(ValueError, match="'n' must be one integer"):
         load_stats(odd_n)
